@@ -1,0 +1,44 @@
+"""wsiengine: gigapixel whole-slide image inference.
+
+>>> import wsiengine as we
+>>> slide = we.open_slide("x.svs")
+>>> mask = we.detect_tissue(slide)
+>>> grid = we.plan_tiles(slide, mask, target_mpp=0.5, tile_px=224)
+>>> for batch in we.stream_patches(slide, grid, batch_size=64):
+...     batch.images, batch.index
+"""
+
+from __future__ import annotations
+
+from importlib.metadata import PackageNotFoundError, version
+
+from . import errors
+from .config import StreamConfig, TilingConfig, TissueConfig, set_defaults
+from .resolution import read_mpp_csv
+from .slide import Slide, open_slide
+from .stream import PatchBatch, stream_patches
+from .tiling import TileGrid, plan_tiles
+from .tissue import TissueMask, detect_tissue
+
+try:
+    __version__ = version("wsiengine")
+except PackageNotFoundError:  # pragma: no cover - running from a source tree
+    __version__ = "0.0.0+unknown"
+
+__all__ = [
+    "__version__",
+    "errors",
+    "open_slide",
+    "Slide",
+    "read_mpp_csv",
+    "detect_tissue",
+    "TissueMask",
+    "plan_tiles",
+    "TileGrid",
+    "stream_patches",
+    "PatchBatch",
+    "TissueConfig",
+    "TilingConfig",
+    "StreamConfig",
+    "set_defaults",
+]

@@ -1,0 +1,24 @@
+"""Slide readers behind one interface, :class:`~wsiengine.backends.base.SlideBackend`.
+
+``auto`` tries the backends in :data:`AUTO_ORDER`: OpenSlide first (the widest format
+support: Aperio incl. JPEG 2000, Hamamatsu NDPI/VMS, MIRAX, Philips, Leica, Ventana,
+DICOM WSI, generic tiled TIFF), then tiffslide (OME-TIFF, plain untiled TIFF and other
+TIFF layouts OpenSlide refuses).
+"""
+
+from __future__ import annotations
+
+from .base import SlideBackend
+from .openslide_backend import OpenSlideBackend
+from .tiffslide_backend import TiffSlideBackend
+
+__all__ = ["SlideBackend", "OpenSlideBackend", "TiffSlideBackend", "BACKENDS", "AUTO_ORDER"]
+
+#: every backend by name
+BACKENDS: dict[str, type[SlideBackend]] = {
+    OpenSlideBackend.name: OpenSlideBackend,
+    TiffSlideBackend.name: TiffSlideBackend,
+}
+
+#: the order ``backend="auto"`` tries
+AUTO_ORDER: tuple[str, ...] = ("openslide", "tiffslide")

@@ -1,0 +1,146 @@
+"""The ``wsiengine`` command line: a thin layer over the Python API."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+import time
+from collections.abc import Sequence
+
+from . import __version__
+from .errors import WsiEngineError
+
+logger = logging.getLogger("wsiengine")
+
+
+def _parse_mpp(text: str | None) -> tuple[float, float] | None:
+    if text is None:
+        return None
+    parts = [float(p) for p in text.replace(",", " ").split()]
+    return (parts[0], parts[0]) if len(parts) == 1 else (parts[0], parts[1])
+
+
+def _cmd_info(args: argparse.Namespace) -> int:
+    from .resolution import lookup_mpp, read_mpp_csv
+    from .slide import open_slide
+
+    mpp = _parse_mpp(args.mpp)
+    if mpp is None and args.mpp_csv:
+        mpp = lookup_mpp(read_mpp_csv(args.mpp_csv), args.slide)
+    slide = open_slide(args.slide, backend=args.backend, mpp=mpp, force_mpp=args.force_mpp, require_mpp=False)
+    with slide:
+        info = {
+            "path": str(slide.path),
+            "format": slide.format,
+            "vendor": slide.vendor,
+            "backend": slide.backend_name,
+            "backends_tried": slide.open_attempts,
+            "dimensions": list(slide.dimensions),
+            "levels": [
+                {
+                    "level": i,
+                    "width": w,
+                    "height": h,
+                    "downsample": round(slide.level_downsamples[i], 4),
+                    "mpp": [round(v, 5) for v in slide.level_mpp(i)] if slide.has_mpp else None,
+                }
+                for i, (w, h) in enumerate(slide.level_dimensions)
+            ],
+            "mpp": list(slide.mpp) if slide.has_mpp else None,
+            "mpp_source": slide.mpp_source,
+            "mpp_detail": slide.mpp_detail,
+            "associated_images": list(slide.backend.associated_image_names()),
+        }
+    if args.json:
+        print(json.dumps(info, indent=2))
+        return 0
+    print(f"file        {info['path']}")
+    print(f"format      {info['format']}")
+    print(f"backend     {info['backend']}" + (f"  (after: {'; '.join(f'{k}: {v}' for k, v in slide.open_attempts.items())})" if slide.open_attempts else ""))
+    w, h = info["dimensions"]
+    print(f"size        {w} x {h} px (level 0)")
+    if slide.has_mpp:
+        mx, my = info["mpp"]
+        print(f"mpp         {mx:.4g} x {my:.4g} µm/px  (~{10.0 / mx:.3g}x)   source: {info['mpp_source']} ({info['mpp_detail']})")
+    else:
+        print("mpp         unknown: no vendor metadata or TIFF resolution tags; pass --mpp or --mpp-csv")
+    print(f"levels      {len(info['levels'])}")
+    for lv in info["levels"]:
+        res = f"{lv['mpp'][0]:.4g} µm/px" if lv["mpp"] else "?"
+        print(f"  {lv['level']:>2}  {lv['width']:>7} x {lv['height']:<7} downsample {lv['downsample']:<8g} {res}")
+    if info["associated_images"]:
+        print(f"associated  {', '.join(info['associated_images'])} (never read or exported)")
+    return 0
+
+
+def _cmd_tiles(args: argparse.Namespace) -> int:
+    from .config import TilingConfig
+    from .slide import open_slide
+    from .stream import stream_patches
+    from .tiling import plan_tiles
+    from .tissue import detect_tissue
+
+    slide = open_slide(args.slide, backend=args.backend, mpp=_parse_mpp(args.mpp), force_mpp=args.force_mpp)
+    t0 = time.perf_counter()
+    mask = detect_tissue(slide)
+    t1 = time.perf_counter()
+    grid = plan_tiles(slide, mask, config=TilingConfig(target_mpp=args.target_mpp, tile_px=args.tile_px, overlap_px=args.overlap_px, min_tissue=args.min_tissue))
+    t2 = time.perf_counter()
+    n = 0
+    for batch in stream_patches(slide, grid, batch_size=args.batch_size):
+        n += len(batch)
+    t3 = time.perf_counter()
+    print(f"{slide.path.name}: tissue {mask.tissue_fraction:.1%} of the slide ({mask.area_mm2:.2f} mm², {len(mask.polygons.geoms)} pieces) in {1e3 * (t1 - t0):.0f} ms")
+    print(f"grid        {len(grid)} tiles of {grid.tile_px} px at {grid.target_mpp} µm/px (level {grid.read_level}, read {grid.read_size[0]} px) in {1e3 * (t2 - t1):.0f} ms")
+    print(f"streamed    {n} patches in {t3 - t2:.2f} s ({n / max(t3 - t2, 1e-9):.0f} patches/s)")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="wsiengine", description="Gigapixel whole-slide image inference.")
+    parser.add_argument("--version", action="version", version=f"wsiengine {__version__}")
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    parser.add_argument("-q", "--quiet", action="store_true", help="warnings and errors only")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    def slide_options(p: argparse.ArgumentParser) -> None:
+        p.add_argument("slide", help="slide file")
+        p.add_argument("--backend", default="auto", choices=["auto", "openslide", "tiffslide"])
+        p.add_argument("--mpp", help="level-0 µm/px when the file has none: 'X' or 'X,Y'")
+        p.add_argument("--force-mpp", action="store_true", help="use --mpp even when the file has metadata")
+
+    info = sub.add_parser("info", help="format, backend, levels, mpp and where the mpp came from")
+    slide_options(info)
+    info.add_argument("--mpp-csv", help="CSV with columns slide,mpp")
+    info.add_argument("--json", action="store_true", help="machine-readable output")
+    info.set_defaults(func=_cmd_info)
+
+    tiles = sub.add_parser("tiles", help="detect tissue, plan the grid and stream every patch (a timing run)")
+    slide_options(tiles)
+    tiles.add_argument("--target-mpp", type=float, default=0.5, help="patch resolution, µm/px")
+    tiles.add_argument("--tile-px", type=int, default=224, help="patch side, pixels at target mpp")
+    tiles.add_argument("--overlap-px", type=int, default=0)
+    tiles.add_argument("--min-tissue", type=float, default=0.25)
+    tiles.add_argument("--batch-size", type=int, default=64)
+    tiles.set_defaults(func=_cmd_tiles)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    level = logging.DEBUG if args.verbose else logging.WARNING if args.quiet else logging.INFO
+    logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s")
+    try:
+        return int(args.func(args) or 0)
+    except WsiEngineError as exc:
+        print(f"error: {type(exc).__name__}: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

@@ -1,0 +1,205 @@
+"""Every option in one place, as dataclasses with units in their names.
+
+Defaults live here and nowhere else. Each can be overridden by an environment variable
+``WSIENGINE_<FIELD>`` (e.g. ``WSIENGINE_TARGET_MPP=0.25``, ``WSIENGINE_BATCH_SIZE=128``), read
+when a config is built with :meth:`from_env`, or in code with :func:`set_defaults` as a context
+manager, in the manner of ``dask.config.set``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import os
+from collections.abc import Iterator
+from dataclasses import dataclass, field, fields
+from typing import Any, Literal, TypeVar, get_type_hints
+
+from .errors import ConfigError
+
+__all__ = ["TissueConfig", "TilingConfig", "StreamConfig", "set_defaults", "ENV_PREFIX"]
+
+ENV_PREFIX = "WSIENGINE_"
+_OVERRIDES: dict[str, Any] = {}
+C = TypeVar("C")
+
+
+def _coerce(value: str, annotation: Any) -> Any:
+    text = str(annotation)
+    if "bool" in text:
+        return value.strip().lower() in ("1", "true", "yes", "on")
+    if "int" in text and "float" not in text:
+        return int(value)
+    if "float" in text:
+        return float(value)
+    return value
+
+
+class _EnvConfig:
+    """Mixin: ``from_env()`` and validation hooks."""
+
+    @classmethod
+    def from_env(cls: type[C], **explicit: Any) -> C:
+        """Build from defaults, then ``set_defaults`` overrides, then ``WSIENGINE_*`` variables,
+        then ``explicit`` keyword arguments (highest priority)."""
+        hints = get_type_hints(cls)
+        values: dict[str, Any] = {}
+        for f in fields(cls):  # type: ignore[arg-type]
+            if f.name in _OVERRIDES:
+                values[f.name] = _OVERRIDES[f.name]
+            env = os.environ.get(ENV_PREFIX + f.name.upper())
+            if env is not None:
+                try:
+                    values[f.name] = _coerce(env, hints[f.name])
+                except ValueError:
+                    raise ConfigError(f"{ENV_PREFIX}{f.name.upper()}={env!r} is not a valid {hints[f.name]}") from None
+        values.update({k: v for k, v in explicit.items() if v is not None})
+        return cls(**values)
+
+    def replace(self: C, **changes: Any) -> C:
+        return dataclasses.replace(self, **changes)  # type: ignore[type-var]
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)  # type: ignore[call-overload]
+
+
+@contextlib.contextmanager
+def set_defaults(**values: Any) -> Iterator[None]:
+    """Temporarily override defaults for configs built with ``from_env`` (any config class)."""
+    known = {f.name for cls in (TissueConfig, TilingConfig, StreamConfig) for f in fields(cls)}
+    unknown = set(values) - known
+    if unknown:
+        raise ConfigError(f"unknown option(s) {sorted(unknown)}; known: {sorted(known)}")
+    previous = dict(_OVERRIDES)
+    _OVERRIDES.update(values)
+    try:
+        yield
+    finally:
+        _OVERRIDES.clear()
+        _OVERRIDES.update(previous)
+
+
+def _positive(name: str, value: float) -> None:
+    if not value > 0:
+        raise ConfigError(f"{name} must be positive, got {value!r}")
+
+
+@dataclass(frozen=True)
+class TissueConfig(_EnvConfig):
+    """Tissue detection on a thumbnail.
+
+    Parameters
+    ----------
+    mask_mpp : float
+        Resolution of the mask raster, µm/px (8 µm/px: a 100k px slide at 0.25 µm/px gives a
+        3,125 px mask). Coarsened automatically when the mask would exceed ``max_mask_px``.
+    max_mask_px : int
+        Largest mask raster, in pixels.
+    read_budget_px : int
+        Largest image one backend call may return while building the thumbnail, in pixels.
+    min_object_um2 : float
+        Tissue pieces smaller than this area (µm²) are dropped (dust, debris). 0.05 mm².
+    max_hole_um2 : float
+        Holes in tissue smaller than this (µm²) are filled; larger ones (lumens, tears) stay.
+    closing_um, opening_um : float
+        Radii of the morphological closing and opening, µm.
+    reject_pen : bool
+        Exclude green, blue and red ink.
+    on_empty : {"warn", "raise"}
+        No tissue: return an empty mask and log a warning, or raise NoTissueError.
+    """
+
+    mask_mpp: float = 8.0
+    max_mask_px: int = 8192 * 8192
+    read_budget_px: int = 4096 * 4096
+    min_object_um2: float = 50_000.0
+    max_hole_um2: float = 20_000.0
+    closing_um: float = 16.0
+    opening_um: float = 16.0
+    reject_pen: bool = True
+    on_empty: Literal["warn", "raise"] = "warn"
+
+    def __post_init__(self) -> None:
+        for name in ("mask_mpp", "max_mask_px", "read_budget_px"):
+            _positive(name, getattr(self, name))
+        for name in ("min_object_um2", "max_hole_um2", "closing_um", "opening_um"):
+            if getattr(self, name) < 0:
+                raise ConfigError(f"{name} must be >= 0, got {getattr(self, name)!r}")
+        if self.on_empty not in ("warn", "raise"):
+            raise ConfigError(f"on_empty must be 'warn' or 'raise', got {self.on_empty!r}")
+
+
+@dataclass(frozen=True)
+class TilingConfig(_EnvConfig):
+    """The tile grid.
+
+    Parameters
+    ----------
+    target_mpp : float
+        Resolution of the patches, µm/px (0.5 µm/px is "20x").
+    tile_px : int
+        Patch side in pixels at ``target_mpp``.
+    overlap_px : int
+        Overlap between neighbouring patches, pixels at ``target_mpp`` (stride = tile_px - overlap_px).
+    min_tissue : float
+        Keep tiles whose tissue fraction (0..1, from the mask) is at least this.
+    allow_upsample : bool
+        Allow a target finer than level 0 (interpolated; adds no detail).
+    on_empty : {"warn", "raise"}
+        No tile passes: return an empty grid with a warning, or raise NoTissueError.
+    """
+
+    target_mpp: float = 0.5
+    tile_px: int = 224
+    overlap_px: int = 0
+    min_tissue: float = 0.25
+    allow_upsample: bool = False
+    on_empty: Literal["warn", "raise"] = "warn"
+
+    def __post_init__(self) -> None:
+        _positive("target_mpp", self.target_mpp)
+        _positive("tile_px", self.tile_px)
+        if not 0 <= self.overlap_px < self.tile_px:
+            raise ConfigError(f"overlap_px must be in [0, tile_px={self.tile_px}), got {self.overlap_px}")
+        if not 0 <= self.min_tissue <= 1:
+            raise ConfigError(f"min_tissue is a fraction in [0, 1], got {self.min_tissue}")
+        if self.on_empty not in ("warn", "raise"):
+            raise ConfigError(f"on_empty must be 'warn' or 'raise', got {self.on_empty!r}")
+
+    @property
+    def stride_px(self) -> int:
+        """Step between tile origins, pixels at ``target_mpp``."""
+        return self.tile_px - self.overlap_px
+
+
+@dataclass(frozen=True)
+class StreamConfig(_EnvConfig):
+    """Parallel patch reading.
+
+    Parameters
+    ----------
+    batch_size : int
+        Patches per batch; a Dask task reads one batch (one chunk of the grid).
+    num_workers : int
+        Reader threads (threaded scheduler); 0 means one per CPU core.
+    max_in_flight : int
+        Most batches alive at once beyond those being read: memory is bounded by
+        ``(num_workers + max_in_flight + 1) x batch_size x tile bytes`` whatever the slide size.
+    ordered : bool
+        Yield batches in grid order (True) or as soon as they are read (False, default).
+    """
+
+    batch_size: int = 64
+    num_workers: int = 0
+    max_in_flight: int = 4
+    ordered: bool = False
+
+    def __post_init__(self) -> None:
+        _positive("batch_size", self.batch_size)
+        _positive("max_in_flight", self.max_in_flight)
+        if self.num_workers < 0:
+            raise ConfigError(f"num_workers must be >= 0 (0 = one per core), got {self.num_workers}")
+
+    @property
+    def workers(self) -> int:
+        return self.num_workers or (os.cpu_count() or 1)

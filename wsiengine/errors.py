@@ -1,0 +1,78 @@
+"""Exceptions users can catch.
+
+Every message says what is wrong and what to do about it. All exceptions derive from
+:class:`WsiEngineError`, so ``except wsiengine.errors.WsiEngineError`` catches them all.
+"""
+
+from __future__ import annotations
+
+__all__ = [
+    "WsiEngineError",
+    "SlideOpenError",
+    "SlideNotFoundError",
+    "CorruptSlideError",
+    "UnsupportedFormatError",
+    "SlideReadError",
+    "MissingMppError",
+    "ResolutionError",
+    "NoTissueError",
+    "ConfigError",
+]
+
+
+class WsiEngineError(Exception):
+    """Base class of every error wsiengine raises on purpose."""
+
+
+class ConfigError(WsiEngineError, ValueError):
+    """An option has an invalid value (the message names the option and the valid range)."""
+
+
+class SlideOpenError(WsiEngineError):
+    """A slide cannot be opened.
+
+    Attributes
+    ----------
+    path : str
+        The file that failed.
+    reasons : dict[str, str]
+        Per backend (``"openslide"``, ``"tiffslide"``), why it refused the file.
+    """
+
+    def __init__(self, message: str, *, path: str = "", reasons: dict[str, str] | None = None):
+        super().__init__(message)
+        self.path = path
+        self.reasons = dict(reasons or {})
+
+
+class SlideNotFoundError(SlideOpenError, FileNotFoundError):
+    """The slide path does not exist or is not a file."""
+
+
+class CorruptSlideError(SlideOpenError):
+    """The file looks like a slide format but is truncated or damaged."""
+
+
+class UnsupportedFormatError(SlideOpenError):
+    """No backend recognises the file's format."""
+
+
+class SlideReadError(WsiEngineError):
+    """Reading pixels from an opened slide failed (damaged tile, truncated file, I/O error)."""
+
+
+class MissingMppError(WsiEngineError):
+    """The slide has no usable resolution (micrometres per pixel) and none was given."""
+
+
+class ResolutionError(WsiEngineError, ValueError):
+    """A requested resolution cannot be served, e.g. finer than the slide's level 0."""
+
+
+class NoTissueError(WsiEngineError):
+    """Tissue detection found no tissue, or tiling found no tile with enough tissue.
+
+    Raised only when asked for (``on_empty="raise"``); by default an empty
+    :class:`~wsiengine.tissue.TissueMask` or :class:`~wsiengine.tiling.TileGrid` is returned
+    and a warning is logged.
+    """

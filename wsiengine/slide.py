@@ -1,0 +1,475 @@
+"""Slide: one interface over OpenSlide and tiffslide, with resolution-aware reads.
+
+>>> slide = open_slide("x.svs")                      # backend="auto"
+>>> slide.mpp, slide.mpp_source                       # ((0.499, 0.499), 'vendor')
+>>> patch = slide.read_at_mpp((x, y), (224, 224), target_mpp=0.5)
+
+Reads at a target resolution come from the lowest-resolution level that still resolves the
+target (level mpp <= target x (1 + ``MPP_TOLERANCE``)), and are then downsampled once with
+area averaging (PIL's box filter). When the chosen level is within ``MPP_TOLERANCE`` of the
+target the pixels are returned as read, without any resampling.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import math
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from PIL import Image
+
+from .backends import AUTO_ORDER, BACKENDS, SlideBackend
+from .errors import (
+    ConfigError,
+    CorruptSlideError,
+    MissingMppError,
+    ResolutionError,
+    SlideNotFoundError,
+    SlideOpenError,
+    SlideReadError,
+    UnsupportedFormatError,
+)
+from .resolution import MppResolution, resolve_mpp
+
+__all__ = ["Slide", "open_slide", "MPP_TOLERANCE", "LevelRead", "resize_area"]
+
+logger = logging.getLogger("wsiengine")
+
+#: relative tolerance when comparing resolutions: 0.499 µm/px serves a 0.5 µm/px request
+#: as is (0.2 % off), and a level within 2 % of the target is read without resampling.
+MPP_TOLERANCE = 0.02
+
+#: the largest image, in pixels, one backend call may return (about 48 MB of RGB);
+#: larger requests are split into pieces of at most this many pixels.
+READ_BUDGET_PX = 4096 * 4096
+
+
+@dataclass(frozen=True)
+class LevelRead:
+    """How to serve a region at ``target_mpp``: read ``read_size`` pixels at ``level`` and
+    resample to ``out_size`` pixels (no resampling when they are equal)."""
+
+    level: int
+    read_size: tuple[int, int]  # (width, height) in pixels of `level`
+    out_size: tuple[int, int]  # (width, height) in pixels at target_mpp
+    level0_size: tuple[float, float]  # (width, height) in level-0 pixels
+
+    @property
+    def resamples(self) -> bool:
+        return self.read_size != self.out_size
+
+
+def resize_area(image: np.ndarray, size: tuple[int, int]) -> np.ndarray:
+    """Resize ``(H, W, 3)`` uint8 to ``size`` = (width, height) by area averaging (box filter)."""
+    if (image.shape[1], image.shape[0]) == tuple(size):
+        return image
+    return np.asarray(Image.fromarray(image).resize(tuple(size), Image.Resampling.BOX))
+
+
+def _looks_like_slide_file(path: Path) -> str | None:
+    """A format family by magic bytes ("tiff", "dicom") or None."""
+    try:
+        with open(path, "rb") as handle:
+            head = handle.read(132)
+    except OSError:
+        return None
+    if head[:4] in (b"II*\x00", b"MM\x00*", b"II+\x00", b"MM\x00+"):
+        return "tiff"
+    if head[128:132] == b"DICM":
+        return "dicom"
+    return None
+
+
+def _walk_tiff_ifds(path: Path, size: int) -> str | None:
+    """Follow the TIFF/BigTIFF IFD chain; a message if an IFD lies beyond the end of the file."""
+    import struct
+
+    with open(path, "rb") as handle:
+        head = handle.read(16)
+        order = "<" if head[:2] == b"II" else ">"
+        big = struct.unpack(order + "H", head[2:4])[0] == 43
+        offset = struct.unpack(order + ("Q" if big else "I"), head[8:16] if big else head[4:8])[0]
+        count_fmt, entry_size, next_fmt = ("Q", 20, "Q") if big else ("H", 12, "I")
+        seen: set[int] = set()
+        while offset and offset not in seen and len(seen) < 100_000:
+            seen.add(offset)
+            if offset + struct.calcsize(count_fmt) > size:
+                return f"image directory {len(seen) - 1} starts at byte {offset:,} but the file has {size:,}: the file is truncated"
+            handle.seek(offset)
+            (count,) = struct.unpack(order + count_fmt, handle.read(struct.calcsize(count_fmt)))
+            end = offset + struct.calcsize(count_fmt) + count * entry_size + struct.calcsize(next_fmt)
+            if end > size:
+                return f"image directory {len(seen) - 1} ends at byte {end:,} but the file has {size:,}: the file is truncated"
+            handle.seek(end - struct.calcsize(next_fmt))
+            (offset,) = struct.unpack(order + next_fmt, handle.read(struct.calcsize(next_fmt)))
+    return None
+
+
+def _tiff_truncation(path: Path) -> str | None:
+    """For TIFF files, a message if an image directory or any strip/tile lies beyond the end of the file."""
+    import tifffile
+
+    size = path.stat().st_size
+    try:
+        message = _walk_tiff_ifds(path, size)
+    except Exception as exc:  # noqa: BLE001
+        return f"its TIFF header cannot be parsed ({type(exc).__name__}: {exc})"
+    if message is not None:
+        return message
+    try:
+        with _quiet_tifffile(), tifffile.TiffFile(str(path)) as tif:
+            for index, page in enumerate(tif.pages):
+                offsets = np.asarray(page.dataoffsets, dtype=np.int64)
+                counts = np.asarray(page.databytecounts, dtype=np.int64)
+                if offsets.size and int((offsets + counts).max()) > size:
+                    end = int((offsets + counts).max())
+                    return f"image {index} needs {end:,} bytes but the file has {size:,}: the file is truncated"
+    except Exception as exc:  # noqa: BLE001 - any parse failure is a corruption sign
+        return f"tifffile cannot parse it ({type(exc).__name__}: {exc})"
+    return None
+
+
+@contextlib.contextmanager
+def _quiet_tifffile():
+    """Silence tifffile's own warnings while probing a file: our error message says it better."""
+    tiff_logger = logging.getLogger("tifffile")
+    level = tiff_logger.level
+    tiff_logger.setLevel(logging.CRITICAL)
+    try:
+        yield
+    finally:
+        tiff_logger.setLevel(level)
+
+
+_UNSUPPORTED_HINTS = ("unsupported", "not a tiff", "image flavor", "not a supported", "missing image file")
+
+
+class Slide:
+    """An open whole-slide image.
+
+    Attributes
+    ----------
+    path : Path
+    backend_name : str
+        Which reader opened it (``"openslide"`` or ``"tiffslide"``).
+    level_dimensions : tuple[tuple[int, int], ...]
+        (width, height) per level in pixels of that level.
+    level_downsamples : tuple[float, ...]
+        Level-0 pixels per pixel of each level.
+    mpp_source : str or None
+        ``"vendor"``, ``"tiff-resolution"``, ``"user"``, ``"user-forced"``; None if unknown.
+    open_attempts : dict[str, str]
+        Backends tried before the one that succeeded, with their reasons.
+    """
+
+    def __init__(
+        self,
+        path: Path,
+        backend: SlideBackend,
+        resolution: MppResolution | None,
+        *,
+        open_attempts: dict[str, str] | None = None,
+        open_options: dict[str, Any] | None = None,
+    ) -> None:
+        self.path = path
+        self._backend = backend
+        self._resolution = resolution
+        self.open_attempts = dict(open_attempts or {})
+        self._open_options = dict(open_options or {})
+
+    # -- identity and metadata ------------------------------------------------------------
+    @property
+    def backend_name(self) -> str:
+        return self._backend.name
+
+    @property
+    def backend(self) -> SlideBackend:
+        return self._backend
+
+    @property
+    def properties(self) -> dict[str, str]:
+        return dict(self._backend.properties)
+
+    @property
+    def vendor(self) -> str | None:
+        return self._backend.vendor
+
+    @property
+    def format(self) -> str:
+        """The file format family: the vendor name when known, else ``"tiff"`` / ``"dicom"``."""
+        magic = _looks_like_slide_file(self.path)
+        if self.vendor and self.vendor not in ("generic-tiff",):
+            return self.vendor
+        return self.vendor or magic or self.path.suffix.lstrip(".").lower() or "unknown"
+
+    @property
+    def level_count(self) -> int:
+        return len(self._backend.level_dimensions)
+
+    @property
+    def level_dimensions(self) -> tuple[tuple[int, int], ...]:
+        return self._backend.level_dimensions
+
+    @property
+    def level_downsamples(self) -> tuple[float, ...]:
+        return self._backend.level_downsamples
+
+    @property
+    def dimensions(self) -> tuple[int, int]:
+        """(width, height) of level 0 in pixels."""
+        return self._backend.level_dimensions[0]
+
+    @property
+    def has_mpp(self) -> bool:
+        return self._resolution is not None
+
+    @property
+    def mpp(self) -> tuple[float, float]:
+        """Level-0 resolution (x, y) in µm/px. Raises MissingMppError when unknown."""
+        if self._resolution is None:
+            raise MissingMppError(
+                f"'{self.path.name}' has no resolution metadata. Give it explicitly: "
+                "open_slide(path, mpp=0.25), or --mpp / --mpp-csv on the command line."
+            )
+        return self._resolution.mpp
+
+    @property
+    def mpp_source(self) -> str | None:
+        return self._resolution.source if self._resolution else None
+
+    @property
+    def mpp_detail(self) -> str | None:
+        return self._resolution.detail if self._resolution else None
+
+    def level_mpp(self, level: int) -> tuple[float, float]:
+        """(x, y) µm/px of a level (level-0 mpp times the level's downsample)."""
+        mx, my = self.mpp
+        d = self.level_downsamples[level]
+        return (mx * d, my * d)
+
+    # -- resolution logic --------------------------------------------------------------
+    def check_target_mpp(self, target_mpp: float, *, allow_upsample: bool = False) -> None:
+        """Raise ResolutionError if ``target_mpp`` is finer than level 0 beyond ``MPP_TOLERANCE``."""
+        if not (math.isfinite(target_mpp) and target_mpp > 0):
+            raise ConfigError(f"target_mpp must be a positive number of µm/px, got {target_mpp!r}")
+        finest = min(self.mpp)
+        if target_mpp < finest * (1 - MPP_TOLERANCE) and not allow_upsample:
+            raise ResolutionError(
+                f"target_mpp={target_mpp:g} µm/px is finer than level 0 of '{self.path.name}' "
+                f"({finest:g} µm/px, source: {self.mpp_source}). Use target_mpp >= {finest:g}, or "
+                "allow_upsample=True to interpolate (no real detail is added)."
+            )
+
+    def best_level_for_mpp(self, target_mpp: float) -> int:
+        """The lowest-resolution level whose mpp still resolves ``target_mpp`` (within tolerance)."""
+        best = 0
+        for level in range(self.level_count):
+            if max(self.level_mpp(level)) <= target_mpp * (1 + MPP_TOLERANCE):
+                best = level
+        return best
+
+    def plan_read(self, size_px: tuple[int, int], target_mpp: float, *, allow_upsample: bool = False) -> LevelRead:
+        """Where and how much to read to get ``size_px`` = (width, height) pixels at ``target_mpp``."""
+        self.check_target_mpp(target_mpp, allow_upsample=allow_upsample)
+        level = self.best_level_for_mpp(target_mpp)
+        lx, ly = self.level_mpp(level)
+        w, h = int(size_px[0]), int(size_px[1])
+        scale_x, scale_y = target_mpp / lx, target_mpp / ly
+        if abs(scale_x - 1) <= MPP_TOLERANCE and abs(scale_y - 1) <= MPP_TOLERANCE:
+            read = (w, h)  # close enough: serve the level's pixels as they are
+        else:
+            read = (max(1, round(w * scale_x)), max(1, round(h * scale_y)))
+        d = self.level_downsamples[level]
+        return LevelRead(level, read, (w, h), (read[0] * d, read[1] * d))
+
+    # -- pixels -----------------------------------------------------------------------------
+    def read_region(self, location: tuple[int, int], level: int, size: tuple[int, int]) -> np.ndarray:
+        """RGB ``(height, width, 3)`` uint8; ``location`` in level-0 px, ``size`` in px of ``level``."""
+        if not 0 <= level < self.level_count:
+            raise ConfigError(f"level {level} does not exist; '{self.path.name}' has levels 0..{self.level_count - 1}")
+        try:
+            return self._backend.read_region(int(location[0]), int(location[1]), level, int(size[0]), int(size[1]))
+        except Exception as exc:
+            raise SlideReadError(
+                f"reading {size[0]}x{size[1]} px at level {level}, level-0 ({location[0]}, {location[1]}) "
+                f"of '{self.path}' failed with {self.backend_name}: {type(exc).__name__}: {exc}. The file may be "
+                "damaged or truncated; check it opens in QuPath, or try backend='tiffslide'/'openslide'."
+            ) from exc
+
+    def read_at_mpp(
+        self,
+        location: tuple[int, int],
+        size_px: tuple[int, int],
+        target_mpp: float,
+        *,
+        allow_upsample: bool = False,
+    ) -> np.ndarray:
+        """Read ``size_px`` = (width, height) pixels at ``target_mpp`` µm/px with top-left ``location``
+        in level-0 px; one area-averaging resample at most."""
+        plan = self.plan_read(size_px, target_mpp, allow_upsample=allow_upsample)
+        image = self.read_region(location, plan.level, plan.read_size)
+        return resize_area(image, plan.out_size)
+
+    def thumbnail(self, mpp: float, *, read_budget_px: int = READ_BUDGET_PX) -> tuple[np.ndarray, tuple[float, float]]:
+        """The whole slide at about ``mpp`` µm/px, assembled from pieces of at most ``read_budget_px``.
+
+        Returns the RGB image and its exact (x, y) µm/px. Whatever the slide size, no single
+        backend call returns more than ``read_budget_px`` pixels.
+        """
+        level = self.best_level_for_mpp(mpp) if mpp >= min(self.mpp) else 0
+        lw, lh = self.level_dimensions[level]
+        lmx, lmy = self.level_mpp(level)
+        out_w = max(1, round(lw * lmx / mpp))
+        out_h = max(1, round(lh * lmy / mpp))
+        sx, sy = lw / out_w, lh / out_h  # level px per output px
+        out = np.empty((out_h, out_w, 3), dtype=np.uint8)
+        side = max(1, int(math.sqrt(read_budget_px)))
+        piece_w = max(1, int(side / sx))  # output px per piece so the level read stays in budget
+        piece_h = max(1, int(side / sy))
+        d = self.level_downsamples[level]
+        for oy0 in range(0, out_h, piece_h):
+            oy1 = min(out_h, oy0 + piece_h)
+            ly0, ly1 = round(oy0 * sy), min(lh, round(oy1 * sy))
+            for ox0 in range(0, out_w, piece_w):
+                ox1 = min(out_w, ox0 + piece_w)
+                lx0, lx1 = round(ox0 * sx), min(lw, round(ox1 * sx))
+                piece = self.read_region((round(lx0 * d), round(ly0 * d)), level, (max(1, lx1 - lx0), max(1, ly1 - ly0)))
+                out[oy0:oy1, ox0:ox1] = resize_area(piece, (ox1 - ox0, oy1 - oy0))
+        return out, (lw * lmx / out_w, lh * lmy / out_h)
+
+    # -- lifecycle -----------------------------------------------------------------------
+    def close(self) -> None:
+        self._backend.close()
+
+    def __enter__(self) -> "Slide":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def __reduce__(self):
+        # Pickled as "how to reopen it", so a Dask worker opens its own file handle.
+        return (_reopen, (str(self.path), self._open_options))
+
+    def __repr__(self) -> str:
+        mpp = f"{self.mpp[0]:.4g} µm/px ({self.mpp_source})" if self.has_mpp else "mpp unknown"
+        w, h = self.dimensions
+        return f"<Slide '{self.path.name}' {w}x{h} px, {self.level_count} levels, {mpp}, backend={self.backend_name}>"
+
+
+_REOPEN_CACHE: dict[tuple, Slide] = {}
+
+
+def _reopen(path: str, options: dict[str, Any]) -> Slide:
+    """Unpickle a Slide: reopen once per process and reuse the handle (backends are thread-safe)."""
+    key = (path, tuple(sorted((k, repr(v)) for k, v in options.items())), os.getpid())
+    slide = _REOPEN_CACHE.get(key)
+    if slide is None:
+        slide = open_slide(path, **options)
+        _REOPEN_CACHE[key] = slide
+    return slide
+
+
+def open_slide(
+    path: str | os.PathLike[str],
+    backend: str = "auto",
+    mpp: float | tuple[float, float] | None = None,
+    *,
+    force_mpp: bool = False,
+    require_mpp: bool = True,
+) -> Slide:
+    """Open a whole-slide image.
+
+    Parameters
+    ----------
+    path : path-like
+    backend : {"auto", "openslide", "tiffslide"}
+        ``auto`` tries OpenSlide, then tiffslide, and records which opened the file.
+    mpp : float or (float, float), optional
+        Level-0 µm/px to use when the file has no resolution metadata.
+    force_mpp : bool
+        Use ``mpp`` even when the file has metadata (e.g. wrong scanner calibration).
+    require_mpp : bool
+        Raise MissingMppError at open when no resolution can be found (default). With False
+        the slide opens, and ``slide.mpp`` raises on use.
+
+    Raises
+    ------
+    SlideNotFoundError, UnsupportedFormatError, CorruptSlideError, MissingMppError, ConfigError
+    """
+    p = Path(os.fspath(path)).expanduser()
+    options = {"backend": backend, "mpp": mpp, "force_mpp": force_mpp, "require_mpp": require_mpp}
+    if not p.exists():
+        raise SlideNotFoundError(f"slide '{p}' does not exist; check the path", path=str(p))
+    if not p.is_file():
+        raise SlideNotFoundError(f"slide '{p}' is not a file (a directory?); pass the slide file itself", path=str(p))
+    if backend == "auto":
+        order = AUTO_ORDER
+    elif backend in BACKENDS:
+        order = (backend,)
+    else:
+        raise ConfigError(f"unknown backend {backend!r}; choose 'auto' or one of {sorted(BACKENDS)}")
+
+    reasons: dict[str, str] = {}
+    opened: SlideBackend | None = None
+    for name in order:
+        try:
+            with _quiet_tifffile():
+                opened = BACKENDS[name].open(p)
+            if not opened.level_dimensions or min(opened.level_dimensions[0]) <= 0:
+                opened.close()
+                raise ValueError("no pyramid levels with pixels")
+            break
+        except Exception as exc:  # noqa: BLE001 - every backend failure is collected for the message
+            reasons[name] = f"{type(exc).__name__}: {exc}".strip()
+            opened = None
+    if opened is None:
+        raise _open_error(p, reasons)
+
+    truncated = _tiff_truncation(p) if _looks_like_slide_file(p) == "tiff" else None
+    if truncated is not None:
+        opened.close()
+        raise CorruptSlideError(
+            f"cannot read '{p.name}': {truncated}. Copy the file again from its source.",
+            path=str(p), reasons={opened.name: truncated, **reasons},
+        )
+    if reasons:
+        logger.info("%s: opened with %s after %s", p.name, opened.name, "; ".join(f"{k}: {v}" for k, v in reasons.items()))
+    resolution = resolve_mpp(p, opened.properties, opened.vendor, mpp, force=force_mpp, require=False)
+    if resolution is None and require_mpp:
+        opened.close()
+        resolve_mpp(p, opened.properties, opened.vendor, None, require=True)  # raises MissingMppError
+    return Slide(p, opened, resolution, open_attempts=reasons, open_options=options)
+
+
+def _open_error(path: Path, reasons: dict[str, str]) -> SlideOpenError:
+    detail = "; ".join(f"{name}: {why}" for name, why in reasons.items())
+    family = _looks_like_slide_file(path)
+    if path.stat().st_size == 0:
+        return CorruptSlideError(f"cannot read '{path.name}': the file is empty ({detail})", path=str(path), reasons=reasons)
+    unsupported = all(any(h in why.lower() for h in _UNSUPPORTED_HINTS) for why in reasons.values())
+    if family == "tiff":
+        truncated = _tiff_truncation(path)
+        if truncated is not None or not unsupported:
+            why = truncated or "it is a TIFF file but no reader could decode it"
+            return CorruptSlideError(
+                f"cannot read '{path.name}': {why} ({detail}). The file may be damaged or truncated; copy it again.",
+                path=str(path), reasons=reasons,
+            )
+    if family is None or unsupported:
+        kind = f"a {family.upper()} file, but not a whole-slide image layout the readers support" if family else "not a supported slide format"
+        return UnsupportedFormatError(
+            f"cannot read '{path.name}': {kind} ({detail}). Supported: Aperio SVS, Hamamatsu NDPI/VMS, "
+            "MIRAX, Philips TIFF, Leica SCN, Ventana BIF, DICOM WSI, generic tiled TIFF, OME-TIFF, plain TIFF.",
+            path=str(path), reasons=reasons,
+        )
+    return CorruptSlideError(
+        f"cannot read '{path.name}': it looks like {family.upper()} but no reader could open it ({detail}). "
+        "The file may be damaged or truncated; copy it again.",
+        path=str(path), reasons=reasons,
+    )

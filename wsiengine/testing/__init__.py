@@ -1,0 +1,28 @@
+"""Helpers shipped with wsiengine for tests and benchmarks, in the spirit of ``numpy.testing``.
+
+>>> from wsiengine.testing import make_pyramidal_slide
+>>> slide = make_pyramidal_slide(tmp_path / "s.tiff", width=4096, height=3072)
+>>> slide.tissue_polygons_level0.area / (slide.width * slide.height)   # about 0.2-0.3
+
+Nothing here imports the engine's Numba kernels, so it works while they are being built.
+"""
+
+from __future__ import annotations
+
+from .synthetic import (
+    DEFAULT_SOURCES,
+    Ellipse,
+    SyntheticSlide,
+    load_default_source,
+    make_pyramidal_slide,
+    truncated_copy,
+)
+
+__all__ = [
+    "make_pyramidal_slide",
+    "SyntheticSlide",
+    "Ellipse",
+    "load_default_source",
+    "DEFAULT_SOURCES",
+    "truncated_copy",
+]

@@ -1,0 +1,198 @@
+"""Tissue detection: thumbnail -> Numba kernels -> TissueMask.
+
+The slide is read as a thumbnail at ``mask_mpp`` (8 µm/px by default) in pieces of at most
+``read_budget_px`` pixels, so memory and backend requests stay bounded however large the
+slide. :func:`wsiengine.kernels.segment_tissue` then runs, in order: saturation colour
+transform -> Otsu threshold -> pen-ink and glass rejection -> morphological closing and
+opening -> filling of small holes -> removal of small objects. Areas and radii are given in
+micrometres and converted to mask pixels here.
+
+No tissue is a result, not an error: the mask is empty and a warning is logged, unless
+``on_empty="raise"`` asks for :class:`~wsiengine.errors.NoTissueError`.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from dataclasses import dataclass, field
+
+import numpy as np
+import shapely
+from shapely.geometry import MultiPolygon, Polygon
+from shapely.affinity import scale as shapely_scale
+
+from .config import TissueConfig
+from .errors import NoTissueError
+from .kernels import TissueSegmentParams, segment_tissue
+from .slide import Slide
+
+__all__ = ["TissueMask", "detect_tissue", "mask_to_polygons"]
+
+logger = logging.getLogger("wsiengine")
+
+
+@dataclass(frozen=True, eq=False)
+class TissueMask:
+    """Where the tissue is.
+
+    Attributes
+    ----------
+    raster : numpy.ndarray
+        ``(H, W)`` bool, True on tissue, one pixel per ``mask_mpp`` µm.
+    mask_mpp : tuple[float, float]
+        Exact (x, y) µm per mask pixel.
+    level0_per_mask_px : tuple[float, float]
+        (x, y) level-0 pixels per mask pixel.
+    polygons : shapely.MultiPolygon
+        Tissue outlines with holes, in level-0 pixels.
+    slide_dimensions : tuple[int, int]
+        (width, height) of level 0, pixels.
+    otsu_threshold : float
+        The saturation threshold Otsu chose (diagnostics).
+    """
+
+    raster: np.ndarray
+    mask_mpp: tuple[float, float]
+    level0_per_mask_px: tuple[float, float]
+    polygons: MultiPolygon
+    slide_dimensions: tuple[int, int]
+    otsu_threshold: float = float("nan")
+    thumbnail: np.ndarray | None = field(default=None, repr=False)
+
+    @property
+    def is_empty(self) -> bool:
+        return not bool(self.raster.any())
+
+    @property
+    def tissue_fraction(self) -> float:
+        """Fraction of the slide area covered by tissue, 0..1."""
+        return float(self.raster.mean()) if self.raster.size else 0.0
+
+    @property
+    def area_mm2(self) -> float:
+        """Tissue area in mm² (mask pixels times their area)."""
+        return float(self.raster.sum()) * self.mask_mpp[0] * self.mask_mpp[1] / 1e6
+
+    @classmethod
+    def full(cls, slide: Slide, mask_mpp: float = 8.0) -> "TissueMask":
+        """A mask that calls the whole slide tissue (for tiling without detection)."""
+        w0, h0 = slide.dimensions
+        mx, my = slide.mpp
+        w, h = max(1, round(w0 * mx / mask_mpp)), max(1, round(h0 * my / mask_mpp))
+        box = MultiPolygon([Polygon([(0, 0), (w0, 0), (w0, h0), (0, h0)])])
+        return cls(np.ones((h, w), bool), (w0 * mx / w, h0 * my / h), (w0 / w, h0 / h), box, (w0, h0))
+
+
+def mask_to_polygons(raster: np.ndarray, level0_per_mask_px: tuple[float, float] = (1.0, 1.0)) -> MultiPolygon:
+    """Outline a boolean raster as valid shapely polygons with holes.
+
+    Each True pixel ``(row, col)`` covers ``[col, col + 1) x [row, row + 1)`` in mask
+    coordinates; the result is scaled by ``level0_per_mask_px`` into level-0 pixels. Runs of
+    pixels are merged into rectangles (vertically where rows repeat), then dissolved.
+    """
+    raster = np.asarray(raster, dtype=bool)
+    if not raster.any():
+        return MultiPolygon()
+    padded = np.zeros((raster.shape[0], raster.shape[1] + 2), dtype=np.int8)
+    padded[:, 1:-1] = raster
+    edges = np.diff(padded, axis=1)
+    rows_start, cols_start = np.nonzero(edges == 1)
+    _, cols_end = np.nonzero(edges == -1)
+    # Merge identical runs on consecutive rows into one taller rectangle.
+    boxes: list[tuple[int, int, int, int]] = []  # x0, y0, x1, y1 in mask px
+    open_runs: dict[tuple[int, int], int] = {}  # (x0, x1) -> first row
+    previous_row = -2
+    split_at = np.flatnonzero(np.diff(rows_start)) + 1
+    for row_runs_x0, row_runs_x1, row in zip(
+        np.split(cols_start, split_at), np.split(cols_end, split_at), rows_start[np.r_[0, split_at]]
+    ):
+        row = int(row)
+        runs = set(zip(row_runs_x0.tolist(), row_runs_x1.tolist()))
+        contiguous = row == previous_row + 1
+        for run in list(open_runs):
+            if not contiguous or run not in runs:
+                boxes.append((run[0], open_runs.pop(run), run[1], previous_row + 1))
+        for run in runs:
+            open_runs.setdefault(run, row)
+        previous_row = row
+    for run, first_row in open_runs.items():
+        boxes.append((run[0], first_row, run[1], previous_row + 1))
+    b = np.asarray(boxes, dtype=np.float64)
+    rects = shapely.box(b[:, 0], b[:, 1], b[:, 2], b[:, 3])
+    merged = shapely.union_all(rects)
+    merged = shapely.simplify(merged, 0.0)  # drop collinear vertices left by the rectangles
+    sx, sy = level0_per_mask_px
+    if (sx, sy) != (1.0, 1.0):
+        merged = shapely_scale(merged, xfact=sx, yfact=sy, origin=(0, 0))
+    if not merged.is_valid:
+        merged = shapely.make_valid(merged)
+    polys = [g for g in getattr(merged, "geoms", [merged]) if isinstance(g, Polygon) and not g.is_empty]
+    return MultiPolygon(polys)
+
+
+def detect_tissue(
+    slide: Slide,
+    *,
+    mask_mpp: float | None = None,
+    config: TissueConfig | None = None,
+    keep_thumbnail: bool = False,
+) -> TissueMask:
+    """Find tissue on ``slide``.
+
+    Parameters
+    ----------
+    slide : Slide
+    mask_mpp : float, optional
+        Mask resolution in µm/px (default ``config.mask_mpp``, 8 µm/px). Coarsened when the
+        mask would exceed ``config.max_mask_px`` pixels; never finer than level 0.
+    config : TissueConfig, optional
+    keep_thumbnail : bool
+        Keep the RGB thumbnail on the mask (``mask.thumbnail``), e.g. for overlays.
+
+    Returns
+    -------
+    TissueMask
+        Possibly empty (see ``on_empty``).
+    """
+    config = config or TissueConfig.from_env()
+    target = float(mask_mpp or config.mask_mpp)
+    w0, h0 = slide.dimensions
+    mx, my = slide.mpp
+    target = max(target, min(mx, my))
+    pixels = (w0 * mx / target) * (h0 * my / target)
+    if pixels > config.max_mask_px:
+        target *= math.sqrt(pixels / config.max_mask_px) * 1.001
+        logger.info("%s: mask coarsened to %.3g µm/px to stay within %d px", slide.path.name, target, config.max_mask_px)
+    thumb, (tmx, tmy) = slide.thumbnail(target, read_budget_px=config.read_budget_px)
+    px_area = tmx * tmy
+    radius = lambda um: int(round(um / math.sqrt(px_area)))  # noqa: E731
+    params = TissueSegmentParams(
+        closing_radius_px=radius(config.closing_um),
+        opening_radius_px=radius(config.opening_um),
+        max_hole_px=int(config.max_hole_um2 / px_area),
+        min_object_px=int(math.ceil(config.min_object_um2 / px_area)),
+        reject_pen=config.reject_pen,
+    )
+    raster, threshold = segment_tissue(thumb, params, return_threshold=True)
+    scale = (w0 / raster.shape[1], h0 / raster.shape[0])
+    polygons = mask_to_polygons(raster, scale)
+    mask = TissueMask(
+        raster=raster,
+        mask_mpp=(tmx, tmy),
+        level0_per_mask_px=scale,
+        polygons=polygons,
+        slide_dimensions=(w0, h0),
+        otsu_threshold=float(threshold),
+        thumbnail=thumb if keep_thumbnail else None,
+    )
+    if mask.is_empty:
+        message = (
+            f"no tissue found on '{slide.path.name}' at {tmx:.3g} µm/px (Otsu threshold {threshold:.3f}). "
+            "If the slide has faint tissue, lower TissueConfig.min_object_um2 or disable pen rejection; "
+            "or tile without a mask: plan_tiles(slide, None, ...)."
+        )
+        if config.on_empty == "raise":
+            raise NoTissueError(message)
+        logger.warning(message)
+    return mask
