@@ -11,13 +11,15 @@ from __future__ import annotations
 from .base import SlideBackend
 from .openslide_backend import OpenSlideBackend
 from .tiffslide_backend import TiffSlideBackend
+from .tifffile_backend import TiffTileBackend
 
-__all__ = ["SlideBackend", "OpenSlideBackend", "TiffSlideBackend", "BACKENDS", "AUTO_ORDER"]
+__all__ = ["SlideBackend", "OpenSlideBackend", "TiffSlideBackend", "TiffTileBackend", "BACKENDS", "AUTO_ORDER"]
 
 #: every backend by name
 BACKENDS: dict[str, type[SlideBackend]] = {
     OpenSlideBackend.name: OpenSlideBackend,
     TiffSlideBackend.name: TiffSlideBackend,
+    TiffTileBackend.name: TiffTileBackend,
 }
 
 #: the order ``backend="auto"`` tries
