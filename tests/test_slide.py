@@ -18,14 +18,14 @@ def test_missing_file_is_a_clear_error(tmp_path):
         open_slide(tmp_path)
 
 
-def test_unsupported_dicom_names_both_backends():
+def test_unsupported_dicom_names_every_backends_reason():
     path = shared_file("pathml/small_dicom.dcm")
     with pytest.raises(errors.UnsupportedFormatError) as info:
         open_slide(path)
     message = str(info.value)
     assert "small_dicom.dcm" in message
     assert "openslide:" in message and "tiffslide:" in message
-    assert set(info.value.reasons) == {"openslide", "tiffslide"}
+    assert set(info.value.reasons) == {"tifffile", "openslide", "tiffslide"}
 
 
 def test_non_slide_file_is_unsupported(tmp_path):

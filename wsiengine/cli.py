@@ -107,7 +107,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     def slide_options(p: argparse.ArgumentParser) -> None:
         p.add_argument("slide", help="slide file")
-        p.add_argument("--backend", default="auto", choices=["auto", "openslide", "tiffslide"])
+        p.add_argument("--backend", default="auto", choices=["auto", "tifffile", "openslide", "tiffslide"])
         p.add_argument("--mpp", help="level-0 µm/px when the file has none: 'X' or 'X,Y'")
         p.add_argument("--force-mpp", action="store_true", help="use --mpp even when the file has metadata")
 

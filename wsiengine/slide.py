@@ -156,7 +156,7 @@ class Slide:
     ----------
     path : Path
     backend_name : str
-        Which reader opened it (``"openslide"`` or ``"tiffslide"``).
+        Which reader opened it (``"tifffile"``, ``"openslide"`` or ``"tiffslide"``).
     level_dimensions : tuple[tuple[int, int], ...]
         (width, height) per level in pixels of that level.
     level_downsamples : tuple[float, ...]
@@ -388,8 +388,10 @@ def open_slide(
     Parameters
     ----------
     path : path-like
-    backend : {"auto", "openslide", "tiffslide"}
-        ``auto`` tries OpenSlide, then tiffslide, and records which opened the file.
+    backend : {"auto", "tifffile", "openslide", "tiffslide"}
+        ``auto`` tries them in :data:`wsiengine.backends.AUTO_ORDER` (the direct tile path for
+        SVS/OME/generic tiled TIFF, then OpenSlide, then tiffslide) and records which opened
+        the file (``slide.backend_name``) and why the others refused it (``slide.open_attempts``).
     mpp : float or (float, float), optional
         Level-0 µm/px to use when the file has no resolution metadata.
     force_mpp : bool
