@@ -145,12 +145,15 @@ def test_stained_pixels_match_the_returned_polygons(pen_slide):
 def test_lower_levels_are_downsampled_views_of_level_zero(pen_slide):
     from PIL import Image
 
-    x, y = _deep_point(pen_slide.tissue_polygons_level0, 600)
-    x, y = x - x % 16 - 512, y - y % 16 - 512
-    level0 = _read(pen_slide.path, "tiffslide", (x, y), 0, (1024, 1024))
-    level1 = _read(pen_slide.path, "tiffslide", (x, y), 1, (256, 256)).astype(np.float64)
-    reduced = np.asarray(Image.fromarray(level0).resize((256, 256), Image.Resampling.BOX)).astype(np.float64)
-    assert np.abs(reduced - level1).mean() < 4  # JPEG noise only
+    x, y = _deep_point(pen_slide.tissue_polygons_level0, 300)
+    x, y = x - x % 16 - 256, y - y % 16 - 256
+    level0 = _read(pen_slide.path, "tiffslide", (x, y), 0, (512, 512))
+    level1 = _read(pen_slide.path, "tiffslide", (x, y), 1, (128, 128)).astype(np.float64)
+    reduced = np.asarray(Image.fromarray(level0).resize((128, 128), Image.Resampling.BOX)).astype(np.float64)
+    aligned = np.abs(reduced - level1).mean()
+    shifted = np.abs(reduced[:, 1:] - level1[:, :-1]).mean()
+    assert aligned < 10  # JPEG noise on busy texture (about 0.4 with lossless tiles)
+    assert aligned < shifted / 2  # and the same geometry: one pixel off is far worse
 
 
 def test_same_seed_gives_the_same_slide_and_another_seed_another(tmp_path, he_source):
@@ -207,7 +210,7 @@ def test_a_large_slide_is_written_with_bounded_memory(tmp_path, he_source):
     script = textwrap.dedent(
         f"""
         import resource
-        from wsiengine.testing import make_pyramidal_slide
+        from wsiengine.testing.synthetic import make_pyramidal_slide
         make_pyramidal_slide({str(tmp_path / 'big.tiff')!r}, width=16384, height=16384, pen=True)
         print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)
         """

@@ -1,0 +1,136 @@
+"""Tissue detection end to end: real slides, pen ink, glass, empty slides, the read budget."""
+
+from __future__ import annotations
+
+import logging
+
+import numpy as np
+import pytest
+import shapely
+import tifffile
+from PIL import Image
+
+from wsiengine import TissueConfig, detect_tissue, errors, open_slide, plan_tiles
+from wsiengine.tissue import mask_to_polygons
+from wsiengine.testing import make_pyramidal_slide
+
+from .conftest import shared_file
+
+
+def _image_as_slide(image: np.ndarray, path, mpp: float):
+    """Write an RGB image as a tiled TIFF with a resolution, so it opens as a slide."""
+    tifffile.imwrite(path, image, tile=(256, 256), photometric="rgb", compression="zlib",
+                     resolution=(1e4 / mpp, 1e4 / mpp), resolutionunit="CENTIMETER")
+    return open_slide(path)
+
+
+def test_real_slide_mask_and_polygons_agree(cmu_small):
+    slide = open_slide(cmu_small)
+    mask = detect_tissue(slide)
+    assert mask.raster.dtype == bool
+    assert mask.mask_mpp == pytest.approx((8.0, 8.0), rel=0.02)
+    assert 0.3 < mask.tissue_fraction < 0.95
+    assert mask.polygons.is_valid and not mask.polygons.is_empty
+    minx, miny, maxx, maxy = mask.polygons.bounds
+    assert minx >= 0 and miny >= 0 and maxx <= 2220 + 1e-6 and maxy <= 2967 + 1e-6
+    # The polygons cover exactly the mask pixels, in level-0 pixels.
+    sx, sy = mask.level0_per_mask_px
+    assert mask.polygons.area == pytest.approx(mask.raster.sum() * sx * sy, rel=1e-9)
+    rows, cols = np.nonzero(mask.raster)
+    pick = np.random.default_rng(0).choice(len(rows), 200)
+    assert shapely.contains_xy(mask.polygons, (cols[pick] + 0.5) * sx, (rows[pick] + 0.5) * sy).all()
+
+
+def test_polygons_keep_their_holes():
+    raster = np.zeros((40, 40), bool)
+    raster[5:35, 5:35] = True
+    raster[15:25, 15:25] = False
+    polygons = mask_to_polygons(raster, (2.0, 2.0))
+    assert len(polygons.geoms) == 1
+    (polygon,) = polygons.geoms
+    assert len(polygon.interiors) == 1
+    assert polygon.area == pytest.approx((30 * 30 - 10 * 10) * 4)
+
+
+@pytest.mark.parametrize(
+    ("name", "ink"),
+    [
+        ("tcga-red-pen.png", lambda r, g, b: (r > 150) & (g < 80) & (b < 90)),
+        ("tcga-green-pen.png", lambda r, g, b: (g > r + 20) & (g > b - 10)),
+        ("wsi-blue-pen.png", lambda r, g, b: (b > r + 40) & (b > g + 20)),
+    ],
+)
+def test_pen_ink_is_not_tissue(tmp_path, name, ink):
+    image = np.asarray(Image.open(shared_file(f"histolab/pen-images/{name}")).convert("RGB"))
+    slide = _image_as_slide(image, tmp_path / "pen.tif", mpp=8.0)
+    mask = detect_tissue(slide, config=TissueConfig(min_object_um2=0, max_hole_um2=0, closing_um=0, opening_um=0))
+    r, g, b = (image[..., k].astype(int) for k in range(3))
+    inked = ink(r, g, b)
+    assert inked.sum() > 100
+    assert mask.raster.shape == inked.shape
+    assert mask.raster[inked].mean() < 0.05, "pen ink was called tissue"
+    assert mask.raster[~inked & (image.min(axis=2) < 200)].mean() > 0.5, "stained tissue was lost"
+
+
+def test_glass_and_background_tiles_have_no_tissue(tmp_path, shared_data):
+    for path in sorted((shared_data / "histolab" / "tiles").glob("*.png")):
+        if not path.name.startswith(("no-tissue", "almost-white")) or "ihc" in path.name:
+            continue
+        image = np.asarray(Image.open(path).convert("RGB"))
+        slide = _image_as_slide(image, tmp_path / f"{path.stem}.tif", mpp=8.0)
+        mask = detect_tissue(slide, config=TissueConfig(min_object_um2=0))
+        assert mask.tissue_fraction < 0.05, path.name
+
+
+def test_tissue_tiles_have_tissue(tmp_path, shared_data):
+    for path in sorted((shared_data / "histolab" / "tiles").glob("tissue-*.png")):
+        image = np.asarray(Image.open(path).convert("RGB"))
+        slide = _image_as_slide(image, tmp_path / f"{path.stem}.tif", mpp=8.0)
+        assert detect_tissue(slide, config=TissueConfig(min_object_um2=0)).tissue_fraction > 0.3, path.name
+
+
+def test_blank_slide_gives_empty_mask_or_raises(tmp_path, caplog):
+    slide = _image_as_slide(np.full((1024, 1024, 3), 243, np.uint8), tmp_path / "blank.tif", mpp=0.5)
+    with caplog.at_level(logging.WARNING, logger="wsiengine"):
+        mask = detect_tissue(slide)
+    assert mask.is_empty and mask.polygons.is_empty
+    assert "no tissue found" in caplog.text
+    with pytest.raises(errors.NoTissueError, match="no tissue"):
+        detect_tissue(slide, config=TissueConfig(on_empty="raise"))
+    assert len(plan_tiles(slide, mask)) == 0
+
+
+def test_tiles_land_on_tissue_not_on_glass_or_pen(tmp_path):
+    synthetic = make_pyramidal_slide(tmp_path / "pen.tiff", width=12288, height=8192, mpp=0.25, pen=True, seed=3)
+    slide = open_slide(synthetic.path)
+    mask = detect_tissue(slide)
+    grid = plan_tiles(slide, mask, target_mpp=0.5, tile_px=224, min_tissue=0.5)
+    assert len(grid) > 50
+    boxes = shapely.box(*grid.boxes().T)
+    tissue, pen = synthetic.tissue_polygons_level0, synthetic.pen_polygons_level0
+    on_tissue = shapely.area(shapely.intersection(boxes, tissue)) / shapely.area(boxes)
+    on_pen = shapely.area(shapely.intersection(boxes, pen)) / shapely.area(boxes)
+    assert np.mean(on_tissue > 0.25) > 0.98, "tiles on glass"
+    assert np.mean(on_pen > 0.5) < 0.02, "tiles on pen ink"
+    # and most of the tissue away from the ink is tiled
+    clean_tissue = tissue.difference(pen.buffer(500))
+    covered = shapely.union_all(boxes).intersection(clean_tissue).area / clean_tissue.area
+    assert covered > 0.6
+
+
+def test_thumbnail_reads_stay_within_the_budget(tmp_path):
+    synthetic = make_pyramidal_slide(tmp_path / "big.tiff", width=16384, height=12288, mpp=0.25, levels=(1,), seed=1)
+    slide = open_slide(synthetic.path)
+    sizes = []
+    original = slide.backend.read_region
+
+    def spy(x, y, level, w, h):
+        sizes.append(w * h)
+        return original(x, y, level, w, h)
+
+    slide.backend.read_region = spy
+    config = TissueConfig(read_budget_px=1024 * 1024)
+    mask = detect_tissue(slide, config=config)
+    assert max(sizes) <= config.read_budget_px and len(sizes) > 16
+    assert mask.raster.shape == (round(12288 * 0.25 / 8), round(16384 * 0.25 / 8))
+    assert not mask.is_empty
