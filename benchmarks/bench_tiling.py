@@ -7,7 +7,8 @@
 
 For wsiengine it measures ``we.detect_tissue`` (mask ms; the first, JIT-compiling call is
 reported separately as warm-up), ``we.plan_tiles`` (plan ms) and ``we.stream_patches``
-(patches/s over all batches, and the time to the first batch). The **baseline**, in the same run,
+(patches/s over all batches, and the time to the first batch), after a one-patch warm-up call
+that is reported apart (the first call in a process imports dask's scheduler). The **baseline**, in the same run,
 is a single-threaded loop of ``openslide.OpenSlide.read_region`` over the same grid: same
 level-0 coordinates, read level and read size, converted to an RGB numpy array and, when the
 grid resamples, resized to ``tile_px`` with PIL's box filter. The ratio is wsiengine / baseline.
@@ -57,6 +58,11 @@ def _current_rss_mb() -> float:
             return int(handle.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
     except OSError:
         return float("nan")
+
+
+def _cpu_s() -> float:
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    return usage.ru_utime + usage.ru_stime
 
 
 def _emit(result: dict[str, Any]) -> None:
@@ -204,8 +210,16 @@ def phase_stream(args: dict[str, Any]) -> None:
         grid = pickle.load(handle)
     slide = we.open_slide(args["slide"], backend=args["backend"])
     rss_imports = _current_rss_mb()
+    # Warm-up: the first call in a process imports dask's scheduler modules and starts threads;
+    # timed apart on one patch (the grid's last), as the JIT warm-up of the mask is.
+    start = time.perf_counter()
+    for _ in we.stream_patches(slide, grid.subset([len(grid) - 1]), batch_size=args["batch_size"],
+                               num_workers=args["workers"] or None):
+        pass
+    warmup_ms = (time.perf_counter() - start) * 1e3
     patches = checksum = 0
     first = None
+    cpu = _cpu_s()
     start = time.perf_counter()
     for batch in we.stream_patches(slide, grid, batch_size=args["batch_size"], num_workers=args["workers"] or None):
         if first is None:
@@ -213,12 +227,16 @@ def phase_stream(args: dict[str, Any]) -> None:
         patches += len(batch)
         checksum += int(batch.images[:, 0, 0, 0].sum())  # touch the pixels
     seconds = time.perf_counter() - start
+    cpu = _cpu_s() - cpu
     assert patches == len(grid), f"streamed {patches} of {len(grid)} patches"
     _emit({
         "patches": patches,
         "seconds": round(seconds, 3),
+        "cpu_ms_per_patch": round(cpu / max(1, patches) * 1e3, 2),
+        "cpu_utilisation": round(cpu / seconds, 2) if seconds > 0 else None,
         "patches_per_s": round(patches / seconds, 1) if seconds > 0 else None,
         "first_batch_ms": round((first or 0) * 1e3, 1),
+        "warmup_ms": round(warmup_ms, 1),
         "workers": args["workers"] or (os.cpu_count() or 1),
         "rss_after_imports_mb": round(rss_imports, 1),
     })
@@ -238,6 +256,9 @@ def phase_baseline(args: dict[str, Any]) -> None:
     slide = openslide.OpenSlide(args["slide"])
     rss_imports = _current_rss_mb()
     checksum = 0
+    x, y = coords[-1]  # warm-up read, as in the stream phase
+    np.asarray(slide.read_region((int(x), int(y)), level, read_size).convert("RGB"))
+    cpu = _cpu_s()
     start = time.perf_counter()
     for x, y in coords:
         image = slide.read_region((int(x), int(y)), level, read_size).convert("RGB")
@@ -246,9 +267,12 @@ def phase_baseline(args: dict[str, Any]) -> None:
         array = np.asarray(image)
         checksum += int(array[0, 0, 0])
     seconds = time.perf_counter() - start
+    cpu = _cpu_s() - cpu
     _emit({
         "patches": int(len(coords)),
         "seconds": round(seconds, 3),
+        "cpu_ms_per_patch": round(cpu / max(1, len(coords)) * 1e3, 2),
+        "cpu_utilisation": round(cpu / seconds, 2) if seconds > 0 else None,
         "patches_per_s": round(len(coords) / seconds, 1) if seconds > 0 else None,
         "rss_after_imports_mb": round(rss_imports, 1),
     })
@@ -264,14 +288,34 @@ PHASES = {
 
 
 # -- the parent ------------------------------------------------------------------------------------
+def _busy_cpu_s() -> float | None:
+    """CPU seconds the whole machine has spent busy (all processes), from /proc/stat; None elsewhere."""
+    try:
+        with open("/proc/stat") as handle:
+            fields = [int(v) for v in handle.readline().split()[1:]]
+    except (OSError, ValueError):
+        return None
+    idle = fields[3] + (fields[4] if len(fields) > 4 else 0)
+    return (sum(fields[:8]) - idle) / os.sysconf("SC_CLK_TCK")
+
+
 def run_phase(name: str, args: dict[str, Any], *, quiet: bool) -> dict[str, Any]:
     command = [sys.executable, str(Path(__file__).resolve()), "--_phase", name, "--_args", json.dumps(args)]
     if not quiet:
         print(f"  running phase {name} ...", file=sys.stderr, flush=True)
+    busy0, own0, wall0 = _busy_cpu_s(), resource.getrusage(resource.RUSAGE_CHILDREN), time.perf_counter()
     proc = subprocess.run(command, stdout=subprocess.PIPE, stderr=None if not quiet else subprocess.PIPE, text=True)
+    busy1, own1, wall = _busy_cpu_s(), resource.getrusage(resource.RUSAGE_CHILDREN), time.perf_counter() - wall0
+    # Cores kept busy by *other* processes while the phase ran: a noisy-neighbour indicator.
+    other = None
+    if busy0 is not None and busy1 is not None and wall > 0:
+        own = (own1.ru_utime - own0.ru_utime) + (own1.ru_stime - own0.ru_stime)
+        other = round(max(0.0, (busy1 - busy0) - own) / wall, 2)
     for line in proc.stdout.splitlines():
         if line.startswith(RESULT_MARK):
-            return json.loads(line[len(RESULT_MARK):])
+            result = json.loads(line[len(RESULT_MARK):])
+            result["other_load_cores"] = other
+            return result
     tail = (proc.stderr or "")[-2000:] if quiet else ""
     return {"error": f"phase {name} exited with {proc.returncode} and no result. {tail}".strip()}
 
@@ -328,6 +372,27 @@ def preread(path: Path) -> float:
     return time.perf_counter() - start
 
 
+def _aggregate(runs: list[dict[str, Any]]) -> dict[str, Any]:
+    """Median patches/s over rounds (with best and worst), largest peak RSS; the first error if any."""
+    for run in runs:
+        if "error" in run:
+            return run
+    rates = sorted(r["patches_per_s"] for r in runs)
+    median = rates[len(rates) // 2] if len(rates) % 2 else (rates[len(rates) // 2 - 1] + rates[len(rates) // 2]) / 2
+    middle = min(runs, key=lambda r: abs(r["patches_per_s"] - median))
+    return {
+        **middle,
+        "patches_per_s": round(median, 1),
+        "patches_per_s_min": rates[0],
+        "patches_per_s_max": rates[-1],
+        "rounds": len(runs),
+        "peak_rss_mb": max(r["peak_rss_mb"] for r in runs),
+        "cpu_ms_per_patch": sorted(r["cpu_ms_per_patch"] for r in runs)[len(runs) // 2],
+        "other_load_cores_max": max((r.get("other_load_cores") or 0.0) for r in runs),
+        "runs": runs,
+    }
+
+
 def format_table(report: dict[str, Any]) -> str:
     m, v, s = report["machine"], report["versions"], report["settings"]
     lines = [
@@ -335,8 +400,8 @@ def format_table(report: dict[str, Any]) -> str:
         f"machine : {m['cpu_model']}, {m['usable_cores']} usable of {m['cores']} cores, {m['memory_gb']} GB, {m['platform']}",
         "versions: " + ", ".join(f"{k} {val}" for k, val in v.items()),
         f"slide   : {report['slide']}",
-        f"settings: target_mpp={s['target_mpp']} tile_px={s['tile_px']} batch_size={s['batch_size']} "
-        f"workers={s['workers'] or 'auto'} min_tissue={s['min_tissue']} backend={s['backend']}",
+        f"settings: target_mpp={s.get('target_mpp')} tile_px={s.get('tile_px')} batch_size={s.get('batch_size')} "
+        f"workers={s.get('workers') or 'auto'} min_tissue={s.get('min_tissue')} backend={s.get('backend')}",
     ]
     gen = report.get("generate")
     if gen:
@@ -375,21 +440,34 @@ def format_table(report: dict[str, Any]) -> str:
         rows.append(("stream_patches", "ERROR", "", st["error"][:80]))
     else:
         rows.append(("stream_patches", f"{st['patches_per_s']:.0f} patches/s", f"{st['peak_rss_mb']:.0f}",
-                     f"{st['patches']} in {st['seconds']:.2f} s, first batch {st['first_batch_ms']:.0f} ms, {st['workers']} workers"))
+                     f"{st['patches']} patches, {st['workers']} workers; median of {st['rounds']} "
+                     f"({st['patches_per_s_min']:.0f}-{st['patches_per_s_max']:.0f}); {st['cpu_ms_per_patch']:.2f} CPU ms/patch; "
+                     f"first batch {st['first_batch_ms']:.0f} ms; warm-up call {st['warmup_ms']:.0f} ms; "
+                     f"{st['rss_after_imports_mb']:.0f} MB after imports"))
     if "error" in bl:
         rows.append(("baseline openslide loop", "ERROR", "", bl["error"][:80]))
     else:
         rows.append(("baseline openslide loop", f"{bl['patches_per_s']:.0f} patches/s", f"{bl['peak_rss_mb']:.0f}",
-                     f"{bl['patches']} in {bl['seconds']:.2f} s, 1 thread"))
+                     f"{bl['patches']} patches, 1 thread; median of {bl['rounds']} "
+                     f"({bl['patches_per_s_min']:.0f}-{bl['patches_per_s_max']:.0f}); {bl['cpu_ms_per_patch']:.2f} CPU ms/patch; "
+                     f"{bl['rss_after_imports_mb']:.0f} MB after imports"))
     widths = [max(len(r[i]) for r in rows) for i in range(4)]
     for n, r in enumerate(rows):
         lines.append("  ".join(c.ljust(widths[i]) for i, c in enumerate(r)).rstrip())
         if n == 0:
             lines.append("  ".join("-" * w for w in widths))
+    noise = max([(report.get(k) or {}).get("other_load_cores_max") or 0.0 for k in ("stream", "baseline")]
+                + [(report.get(k) or {}).get("other_load_cores") or 0.0 for k in ("generate", "engine", "kernel")])
+    if noise >= 0.25:
+        lines.append("")
+        lines.append(f"WARNING: other processes kept up to {noise:.2f} cores busy during the measurements; "
+                     "throughput figures are pessimistic (see other_load_cores in --json)")
     ratio = report.get("ratio")
     if ratio:
         lines.append("")
-        lines.append(f"ratio wsiengine / baseline: {ratio['throughput']:.2f}x patches/s, {ratio['peak_rss']:.2f}x peak RSS")
+        lines.append(f"ratio wsiengine / baseline: {ratio['throughput']:.2f}x patches/s, {ratio['peak_rss']:.2f}x peak RSS, "
+                     f"{ratio['cpu_per_patch']:.2f}x CPU time per patch")
+        lines.append("(patches/s are medians over alternated rounds; on a shared machine CPU ms/patch is the steadier figure)")
     return "\n".join(lines)
 
 
@@ -408,6 +486,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--min-tissue", type=float, default=0.25)
     parser.add_argument("--backend", default="auto", choices=["auto", "openslide", "tiffslide"], help="wsiengine backend")
     parser.add_argument("--repeat", type=int, default=3, help="timed repeats of mask and plan (best is reported)")
+    parser.add_argument("--rounds", type=int, default=3, help="stream and baseline runs, alternated; medians are reported (default 3)")
     parser.add_argument("--skip-baseline", action="store_true")
     parser.add_argument("--no-preread", action="store_true", help="do not warm the page cache with the slide file first")
     parser.add_argument("--json", nargs="?", const="-", metavar="FILE", help="write results as JSON (to FILE, or stdout instead of the table)")
@@ -456,15 +535,24 @@ def main(argv: list[str] | None = None) -> int:
             "grid_pickle": str(workdir / "grid.pkl"), "grid_npz": str(workdir / "grid.npz"),
         }
         report["engine"] = run_phase("engine", common, quiet=quiet)
+        if "error" not in report["engine"] and report["engine"]["tiles"] == 0:
+            report["engine"]["error"] = "the grid has no tiles (no tissue found?): nothing to stream"
         if "error" not in report["engine"]:
             report["kernel"] = run_phase("kernel", common, quiet=quiet)
-            report["stream"] = run_phase("stream", common, quiet=quiet)
-            report["baseline"] = {"error": "skipped"} if opts.skip_baseline else run_phase("baseline", common, quiet=quiet)
+            # Alternate engine and baseline rounds so drifting machine load hits both alike.
+            stream_runs, baseline_runs = [], []
+            for _ in range(max(1, opts.rounds)):
+                stream_runs.append(run_phase("stream", common, quiet=quiet))
+                if not opts.skip_baseline:
+                    baseline_runs.append(run_phase("baseline", common, quiet=quiet))
+            report["stream"] = _aggregate(stream_runs)
+            report["baseline"] = _aggregate(baseline_runs) if baseline_runs else {"error": "skipped"}
             st, bl = report["stream"], report["baseline"]
             if "error" not in st and "error" not in bl and bl.get("patches_per_s"):
                 report["ratio"] = {
                     "throughput": round(st["patches_per_s"] / bl["patches_per_s"], 3),
                     "peak_rss": round(st["peak_rss_mb"] / bl["peak_rss_mb"], 3),
+                    "cpu_per_patch": round(st["cpu_ms_per_patch"] / bl["cpu_ms_per_patch"], 3),
                 }
     finally:
         shutil.rmtree(workdir, ignore_errors=True)

@@ -21,38 +21,56 @@ __all__ = ["label_components", "remove_small_objects", "fill_holes"]
 
 @numba.njit(cache=True, nogil=True)
 def _runs(mask, value):
-    """Runs of pixels equal to ``value``: row_start (H+1,), y, x0, x1 (exclusive) per run."""
+    """Runs of pixels equal to ``value``: row_start (H+1,), y, x0, x1 (exclusive) per run.
+
+    One pass. Each row is checked in blocks of 64 pixels for any change between neighbours
+    (a vectorised XOR); only blocks with a change are scanned pixel by pixel. The run arrays
+    are allocated for the worst case (every other pixel a run) and returned as views of the
+    used part (memory never written is never paged in).
+    """
     h, w = mask.shape
-    n = 0
-    for y in range(h):
-        row = mask[y]
-        prev = not value
-        for x in range(w):
-            cur = row[x]
-            if cur == value and prev != value:
-                n += 1
-            prev = cur
+    cap = h * ((w + 1) // 2)
     row_start = np.empty(h + 1, dtype=np.int64)
-    ry = np.empty(n, dtype=np.int32)
-    rx0 = np.empty(n, dtype=np.int32)
-    rx1 = np.empty(n, dtype=np.int32)
+    ry = np.empty(cap, dtype=np.int32)
+    rx0 = np.empty(cap, dtype=np.int32)
+    rx1 = np.empty(cap, dtype=np.int32)
+    m8 = mask.view(np.uint8)
+    val = np.uint8(1) if value else np.uint8(0)
     k = 0
     for y in range(h):
         row_start[y] = k
-        x = 0
-        while x < w:
-            if mask[y, x] == value:
-                x0 = x
-                while x < w and mask[y, x] == value:
-                    x += 1
-                ry[k] = y
-                rx0[k] = x0
-                rx1[k] = x
-                k += 1
-            else:
-                x += 1
+        if w == 0:
+            continue
+        row = m8[y]
+        inside = row[0] == val
+        if inside:
+            ry[k] = y
+            rx0[k] = 0
+        x0 = 1
+        while x0 < w:
+            x1 = min(x0 + 64, w)
+            cur = row[x0:x1]
+            prev = row[x0 - 1 : x1 - 1]
+            change = np.uint8(0)
+            for i in range(x1 - x0):
+                change |= cur[i] ^ prev[i]
+            if change:
+                for x in range(x0, x1):
+                    v = row[x] == val
+                    if v != inside:
+                        if v:
+                            ry[k] = y
+                            rx0[k] = x
+                        else:
+                            rx1[k] = x
+                            k += 1
+                        inside = v
+            x0 = x1
+        if inside:
+            rx1[k] = w
+            k += 1
     row_start[h] = k
-    return row_start, ry, rx0, rx1
+    return row_start, ry[:k], rx0[:k], rx1[:k]
 
 
 @numba.njit(cache=True, nogil=True)
@@ -151,6 +169,33 @@ def _fill_holes(mask, eight, max_hole):
     for i in range(n):
         r = root[i]
         if not border[r] and (max_hole < 0 or area[r] <= max_hole):
+            y = ry[i]
+            for x in range(rx0[i], rx1[i]):
+                out[y, x] = True
+    return out
+
+
+@numba.njit(cache=True, nogil=True)
+def _reconstruct(seed, within, eight):
+    # Components of ``within`` that contain at least one ``seed`` pixel (binary
+    # reconstruction by dilation; seed pixels outside ``within`` are ignored).
+    h, w = within.shape
+    row_start, ry, rx0, rx1 = _runs(within, True)
+    root = _union_runs(row_start, rx0, rx1, eight)
+    n = rx0.size
+    seeded = np.zeros(n, dtype=np.bool_)
+    for i in range(n):
+        r = root[i]
+        if seeded[r]:
+            continue
+        y = ry[i]
+        for x in range(rx0[i], rx1[i]):
+            if seed[y, x]:
+                seeded[r] = True
+                break
+    out = np.zeros((h, w), dtype=np.bool_)
+    for i in range(n):
+        if seeded[root[i]]:
             y = ry[i]
             for x in range(rx0[i], rx1[i]):
                 out[y, x] = True

@@ -152,9 +152,10 @@ def threshold_otsu(
 
     Matches ``skimage.filters.threshold_otsu(hist=(counts, centers))`` on the same bins
     (``centers = bin_centers(nbins, value_range)``): empty bins at both ends are trimmed,
-    the split maximising the between-class variance is chosen (first one on ties) and the
-    centre of its last bin is returned; foreground is ``value > threshold``. Class weights
-    are products of counts in float64, so summed histograms of whole slides cannot overflow.
+    the split maximising the between-class variance is chosen (the first on ties) and the
+    centre of the lower class's last bin is returned; foreground is ``value > threshold``.
+    Class weights are multiplied in float64, so summed histograms of whole slides cannot
+    overflow (identical to scikit-image's int64 products below 2**53).
 
     Defined where scikit-image raises or special-cases: a histogram with a single non-empty
     bin returns that bin's centre; an empty histogram (no values in range) returns

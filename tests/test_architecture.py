@@ -20,6 +20,27 @@ def test_import_contracts_hold():
     assert result.returncode == 0, result.stdout + result.stderr
 
 
+def test_kernels_import_only_numpy_numba_and_each_other():
+    """The Numba kernels sit at the bottom of the data flow: no engine stage, no torch."""
+    import ast
+
+    allowed = {"numpy", "numba", "math", "dataclasses", "typing", "__future__", "collections", "functools"}
+    for path in sorted((ROOT / "kernels").glob("*.py")):
+        tree = ast.parse(path.read_text(), filename=str(path))
+        for node in ast.walk(tree):
+            if isinstance(node, ast.Import):
+                names = [alias.name.split(".")[0] for alias in node.names]
+            elif isinstance(node, ast.ImportFrom):
+                if node.level > 0:  # relative: another kernel module
+                    assert node.level == 1, f"{path.name} reaches outside kernels/"
+                    continue
+                names = [(node.module or "").split(".")[0]]
+            else:
+                continue
+            for name in names:
+                assert name in allowed, f"{path.name} imports {name}"
+
+
 def test_importing_wsiengine_does_not_import_torch():
     code = "import sys, wsiengine, wsiengine.kernels; print('torch' in sys.modules)"
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)

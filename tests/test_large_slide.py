@@ -51,9 +51,10 @@ def test_gigapixel_slide_streams_with_bounded_memory(tmp_path):
                             capture_output=True, text=True, check=True)
     figures = json.loads(result.stdout.strip().splitlines()[-1])
     assert figures["pixels"] >= 1_000_000_000
-    assert figures["streamed"] == figures["tiles"] > 2000
+    assert figures["streamed"] == figures["tiles"] > 500
     # Bound from the stream's design: (workers + in_flight + 1) batches of 64 x 224² x 3 bytes
     # (about 48 MB), plus decoded-tile caches and read buffers; the slide itself is ~3 GB of RGB.
     growth_mb = (figures["rss_peak"] - figures["rss_before"]) / 2**20
     assert growth_mb < 400, figures
     assert figures["rss_peak"] / 2**20 < 1500, figures
+    print(f"gigapixel stream: {figures}")

@@ -32,13 +32,17 @@ def test_every_tile_arrives_once_with_its_pixels(cmu, cmu_grid):
     assert sorted(seen) == list(range(len(cmu_grid)))
 
 
-def test_resampled_patches_equal_single_reads(cmu):
-    grid = plan_tiles(cmu, None, target_mpp=1.3, tile_px=96, overlap_px=16, min_tissue=0)
+@pytest.mark.parametrize(
+    ("target_mpp", "overlap_px"),
+    [(1.3, 16), (0.998, 0), (0.998, 32)],  # a fractional shrink; an exact 2x shrink, whole strips at once
+)
+def test_resampled_patches_equal_single_reads(cmu, target_mpp, overlap_px):
+    grid = plan_tiles(cmu, None, target_mpp=target_mpp, tile_px=96, overlap_px=overlap_px, min_tissue=0)
     assert grid.resamples
     for batch in stream_patches(cmu, grid, batch_size=16, ordered=True):
         for image, i in zip(batch.images, batch.index):
             x, y = grid.coords[i]
-            np.testing.assert_array_equal(image, cmu.read_at_mpp((int(x), int(y)), (96, 96), 1.3))
+            np.testing.assert_array_equal(image, cmu.read_at_mpp((int(x), int(y)), (96, 96), target_mpp))
 
 
 def test_ordered_stream_is_in_grid_order(cmu, cmu_grid):

@@ -31,6 +31,8 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
+import dask
+import dask.threaded  # noqa: F401 - imported up front, not on the first batch
 import numpy as np
 
 from .config import StreamConfig
@@ -42,7 +44,7 @@ __all__ = ["PatchBatch", "stream_patches", "read_patches", "iter_chunks"]
 logger = logging.getLogger("wsiengine")
 
 #: widest strip read in one backend call, in read-level pixels
-MAX_STRIP_PX = 8192
+MAX_STRIP_PX = 4096
 
 
 @dataclass(frozen=True, eq=False)
@@ -96,21 +98,27 @@ def read_patches(slide: Slide, grid: TileGrid, index: np.ndarray) -> PatchBatch:
     images = np.empty((len(index), tile, tile, 3), dtype=np.uint8)
     read_w, read_h = grid.read_size
     downsample = slide.level_downsamples[grid.read_level]
+    # An exact integer shrink can be applied to a whole strip at once: tile origins inside a
+    # strip are multiples of the stride, itself a multiple of the factor, so each output pixel
+    # averages exactly the block it would if the patch were shrunk on its own.
+    factor = read_w // tile if read_w == read_h and read_w % tile == 0 else 0
     position = {int(i): k for k, i in enumerate(index)}
     for run in _strips(grid, index):
         x0, y0 = grid.coords[run[0]]
-        if len(run) == 1:
-            strip = slide.read_region((int(x0), int(y0)), grid.read_level, (read_w, read_h))
-            offsets = [0]
-        else:
-            # Origins inside the strip, in read-level pixels; the last tile may have been
-            # clamped against the slide edge, so use real coordinates, not the nominal stride.
-            offsets = [int(round((grid.coords[i, 0] - x0) / downsample)) for i in run]
-            width = offsets[-1] + read_w
-            strip = slide.read_region((int(x0), int(y0)), grid.read_level, (width, read_h))
+        # Origins inside the strip, in read-level pixels; the last tile may have been clamped
+        # against the slide edge, so use real coordinates, not the nominal stride.
+        offsets = [int(round((grid.coords[i, 0] - x0) / downsample)) for i in run]
+        strip = slide.read_region((int(x0), int(y0)), grid.read_level, (offsets[-1] + read_w, read_h))
+        exact = factor > 1 and all(off % factor == 0 for off in offsets) and strip.shape[1] % factor == 0
+        if exact:
+            strip = resize_area(strip, (strip.shape[1] // factor, tile))
         for i, off in zip(run, offsets):
-            patch = strip[:, off : off + read_w]
-            images[position[int(i)]] = resize_area(np.ascontiguousarray(patch), (tile, tile)) if grid.resamples else patch
+            if exact:
+                images[position[int(i)]] = strip[:, off // factor : off // factor + tile]
+            elif grid.resamples:
+                images[position[int(i)]] = resize_area(np.ascontiguousarray(strip[:, off : off + read_w]), (tile, tile))
+            else:
+                images[position[int(i)]] = strip[:, off : off + read_w]
     return PatchBatch(images=images, index=index)
 
 
@@ -133,7 +141,8 @@ def stream_patches(
     grid : TileGrid
         From :func:`~wsiengine.tiling.plan_tiles` on the same slide.
     batch_size : int
-        Patches per batch (default 64); the last batch may be smaller.
+        Most patches per batch (default 64). A grid with fewer than ``batch_size x workers``
+        tiles is cut into ``ceil(N / workers)``-tile batches so that every worker reads.
     num_workers : int
         Reader threads for the local threaded scheduler (default: one per core).
     max_in_flight : int
@@ -158,7 +167,10 @@ def stream_patches(
     )
     if len(grid) == 0:
         return iter(())
-    chunks = list(iter_chunks(len(grid), config.batch_size))
+    # Small grids are cut finer so every worker has a share (batches then hold fewer patches).
+    workers = config.workers if client is None else max(1, sum(client.nthreads().values()))
+    chunk = max(1, min(config.batch_size, -(-len(grid) // workers)))
+    chunks = list(iter_chunks(len(grid), chunk))
     if client is not None:
         source = _stream_distributed(client, slide, grid, chunks, config)
     else:
@@ -181,8 +193,6 @@ _DONE = object()
 
 
 def _stream_threaded(slide: Slide, grid: TileGrid, chunks: list[np.ndarray], config: StreamConfig) -> Iterator[PatchBatch]:
-    import dask
-
     results: queue.Queue = queue.Queue(maxsize=config.max_in_flight)
     cancelled = threading.Event()
 

@@ -38,8 +38,12 @@ from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
+
+if TYPE_CHECKING:
+    from shapely.geometry import MultiPolygon, Polygon
 
 __all__ = [
     "SyntheticSlide",
@@ -119,7 +123,7 @@ class Ellipse:
         c, s = math.cos(self.angle), math.sin(self.angle)
         return np.column_stack([self.cx + u * c - v * s, self.cy + u * s + v * c])
 
-    def polygon(self, vertices: int = 720):
+    def polygon(self, vertices: int = 720) -> Polygon:
         from shapely.geometry import Polygon
 
         return Polygon(self.outline(vertices))
@@ -380,8 +384,8 @@ class SyntheticSlide:
     width: int
     height: int
     mpp: float
-    tissue_polygons_level0: object = field(repr=False)
-    pen_polygons_level0: object = field(repr=False)
+    tissue_polygons_level0: MultiPolygon = field(repr=False)
+    pen_polygons_level0: MultiPolygon = field(repr=False)
     level_downsamples: tuple[int, ...] = (1,)
     tile: int = 256
 

@@ -1,0 +1,189 @@
+"""Plain NumPy / SciPy / scikit-image reference of the tissue pipeline in wsiengine.kernels.
+
+The same algorithm as the Numba kernels, written the obvious way with library calls, for
+equality tests. Slow and memory-hungry on purpose: clarity over speed. Only the numeric
+constants of the pen rules are shared with the kernels (so a change of threshold is one
+edit); every formula is restated here.
+"""
+
+from __future__ import annotations
+
+import warnings
+
+import numpy as np
+from scipy import ndimage as ndi
+from skimage.filters import threshold_otsu as sk_threshold_otsu
+from skimage.measure import label as sk_label
+from skimage.morphology import disk
+from skimage.morphology import remove_small_objects as sk_remove_small_objects
+
+from wsiengine.kernels import pixel_classes as rules
+
+EIGHT = ndi.generate_binary_structure(2, 2)
+FOUR = ndi.generate_binary_structure(2, 1)
+
+
+def rgb3(rgb: np.ndarray) -> np.ndarray:
+    return np.asarray(rgb)[..., :3]
+
+
+def saturation(rgb: np.ndarray) -> np.ndarray:
+    a = rgb3(rgb).astype(np.int32)
+    mx = a.max(axis=-1)
+    mn = a.min(axis=-1)
+    out = np.zeros(mx.shape, dtype=np.float32)
+    nz = mx > 0
+    out[nz] = (mx - mn)[nz].astype(np.float32) / mx[nz].astype(np.float32)
+    return out
+
+
+def optical_density(rgb: np.ndarray) -> np.ndarray:
+    a = rgb3(rgb).astype(np.float64)
+    od = -np.log10((a + 1.0) / 256.0)
+    return ((od[..., 0] + od[..., 1] + od[..., 2]) / 3.0).astype(np.float32)
+
+
+def glass(rgb: np.ndarray, white_min: int, grey_max_saturation: float) -> np.ndarray:
+    mn = rgb3(rgb).min(axis=-1).astype(np.int32)
+    return (mn >= white_min) | (saturation(rgb).astype(np.float64) <= grey_max_saturation)
+
+
+def pen_classes(rgb: np.ndarray) -> dict[str, np.ndarray]:
+    """The ink classes of every pixel as boolean arrays (rules in pixel_classes' docstring)."""
+    a = rgb3(rgb).astype(np.int32)
+    r, g, b = a[..., 0], a[..., 1], a[..., 2]
+    mx = a.max(axis=-1)
+    mn = a.min(axis=-1)
+    c = mx - mn
+    gb = np.maximum(g, b) - r
+    d = b - g
+    red_max = (r == mx) & (c > 0)
+    red_hue = np.where(d >= 0, 4 * d <= c, -3 * d <= c)
+    faint_hue = np.where(d >= 0, 4 * d <= c, -2 * d <= c)
+    return {
+        "ink_cyan": (
+            (g - r >= rules.GREEN_MIN_EXCESS_OVER_RED)
+            & (gb >= rules.GREEN_BLUE_MIN_CHROMA_OVER_RED)
+            & (r <= rules.GREEN_BLUE_MAX_RED)
+        )
+        | (
+            (b == mx)
+            & (b >= rules.BLUE_MIN_VALUE)
+            & (g - r >= rules.BLUE_MIN_GREEN_OVER_RED)
+            & (b - r >= rules.BLUE_MIN_BLUE_OVER_RED)
+            & (r <= rules.GREEN_BLUE_MAX_RED)
+        ),
+        "faint_cyan": ((g - r >= rules.FAINT_GREEN_MIN_EXCESS_OVER_RED) & (gb >= rules.FAINT_GREEN_BLUE_MIN_CHROMA_OVER_RED))
+        | ((b == mx) & (b - r >= rules.FAINT_BLUE_MIN_BLUE_OVER_RED) & (g - r >= rules.FAINT_BLUE_MIN_GREEN_OVER_RED)),
+        "ink_red": red_max & red_hue & (r >= rules.RED_MIN_VALUE) & (5 * c >= 3 * r),
+        "faint_red": red_max & faint_hue & (5 * c >= r),
+        "black": mx <= rules.BLACK_MAX_VALUE,
+        "dark": mx <= rules.DARK_MAX_VALUE,
+    }
+
+
+def pen(rgb: np.ndarray) -> np.ndarray:
+    k = pen_classes(rgb)
+    return k["ink_cyan"] | k["ink_red"] | k["black"]
+
+
+def dilation(mask: np.ndarray, r: int) -> np.ndarray:
+    return ndi.binary_dilation(mask, structure=disk(r).astype(bool), border_value=0)
+
+
+def erosion(mask: np.ndarray, r: int) -> np.ndarray:
+    return ndi.binary_erosion(mask, structure=disk(r).astype(bool), border_value=1)
+
+
+def closing(mask: np.ndarray, r: int) -> np.ndarray:
+    return erosion(dilation(mask, r), r)
+
+
+def opening(mask: np.ndarray, r: int) -> np.ndarray:
+    return dilation(erosion(mask, r), r)
+
+
+def remove_small_objects(mask: np.ndarray, min_size_px: int, connectivity: int = 2) -> np.ndarray:
+    """Drop components with area < min_size_px (skimage 0.26: max_size = min_size_px - 1)."""
+    if min_size_px <= 1:
+        return mask.copy()
+    return sk_remove_small_objects(mask, max_size=min_size_px - 1, connectivity=connectivity)
+
+
+def fill_holes(mask: np.ndarray, max_hole_px: int | None) -> np.ndarray:
+    """Fill 4-connected background components not touching the border, of area <= max_hole_px."""
+    if max_hole_px is None:
+        return ndi.binary_fill_holes(mask)
+    labels, n = ndi.label(~mask, structure=FOUR)
+    if n == 0:
+        return mask.copy()
+    sizes = np.bincount(labels.ravel(), minlength=n + 1)
+    border = np.unique(np.concatenate([labels[0], labels[-1], labels[:, 0], labels[:, -1]]))
+    fill = sizes <= max_hole_px
+    fill[border] = False
+    fill[0] = False
+    return mask | fill[labels]
+
+
+def reconstruct(seed: np.ndarray, area: np.ndarray) -> np.ndarray:
+    """Components of ``area`` (8-connected) holding a seed pixel."""
+    labels = sk_label(area, connectivity=2)
+    keep = np.zeros(labels.max() + 1, dtype=bool)
+    keep[np.unique(labels[seed & area])] = True
+    keep[0] = False
+    return keep[labels]
+
+
+def otsu(counts: np.ndarray, value_range=(0.0, 1.0)) -> float:
+    """skimage's Otsu on fixed bins, with the kernels' definitions for degenerate histograms."""
+    lo, hi = value_range
+    edges = np.linspace(lo, hi, counts.size + 1)
+    centers = (edges[:-1] + edges[1:]) / 2
+    occupied = np.flatnonzero(counts)
+    if occupied.size == 0:
+        return float(hi)
+    if occupied.size == 1:
+        return float(centers[occupied[0]])
+    return float(sk_threshold_otsu(hist=(counts, centers)))
+
+
+def pen_zone(rgb: np.ndarray, min_pen_object_px: int, pen_dilation_px: int) -> np.ndarray:
+    k = pen_classes(rgb)
+    ink = remove_small_objects(k["ink_cyan"] | k["ink_red"] | k["black"], min_pen_object_px)
+    zone = ink.copy()
+    zone |= reconstruct(k["ink_cyan"] & ink, k["ink_cyan"] | k["faint_cyan"])
+    zone |= reconstruct(k["ink_red"] & ink, k["ink_red"] | k["faint_red"] | k["dark"])
+    return dilation(zone, pen_dilation_px)
+
+
+def segment_tissue(rgb: np.ndarray, params) -> tuple[np.ndarray, float]:
+    """Reference of wsiengine.kernels.segment_tissue: (mask, threshold)."""
+    p = params
+    h, w = rgb.shape[:2]
+    sat = saturation(rgb)
+    if p.reject_pen:
+        zone = pen_zone(rgb, p.min_pen_object_px, p.pen_dilation_px)
+    else:
+        zone = np.zeros((h, w), dtype=bool)
+    counts = np.histogram(sat[~zone], bins=p.nbins, range=(0.0, 1.0))[0]
+    t = otsu(counts)
+    t = min(max(t, p.min_threshold), p.max_threshold)
+    mask = (sat.astype(np.float64) > t) & ~glass(rgb, p.white_min, p.grey_max_saturation) & ~zone
+    if h and w:
+        mask = closing(mask, p.closing_radius_px)
+        mask = opening(mask, p.opening_radius_px)
+        if p.max_hole_px > 0:
+            mask = fill_holes(mask, p.max_hole_px)
+        mask = remove_small_objects(mask, p.min_object_px)
+        if p.reject_pen:
+            mask &= ~zone
+    return mask, t
+
+
+def skimage_binary(op: str, mask: np.ndarray, r: int) -> np.ndarray:
+    """skimage.morphology.binary_<op>(mask, disk(r)), silencing its 0.26 deprecation."""
+    import skimage.morphology as morph
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", FutureWarning)
+        return getattr(morph, f"binary_{op}")(mask, disk(r))

@@ -1,0 +1,52 @@
+"""The command line: ``wsiengine info`` and clear errors."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from wsiengine.cli import main
+
+from .conftest import shared_file
+
+
+def test_info_prints_format_backend_levels_and_mpp_source(cmu_small, capsys):
+    assert main(["info", str(cmu_small)]) == 0
+    out = capsys.readouterr().out
+    assert "format      aperio" in out
+    assert "backend     tifffile" in out
+    assert "0.499 x 0.499 µm/px" in out and "source: vendor" in out
+    assert "2220 x 2967" in out
+
+
+def test_info_json_for_a_dicom_slide(capsys):
+    path = shared_file("ez-wsi-dicomweb/multiframe_camelyon_challenge_image.dcm")
+    assert main(["info", str(path), "--json"]) == 0
+    info = json.loads(capsys.readouterr().out)
+    assert info["format"] == "dicom" and info["backend"] == "openslide"
+    assert info["mpp_source"] == "vendor" and info["mpp"][0] == pytest.approx(28.969, rel=1e-4)
+    assert "tifffile" in info["backends_tried"]
+    assert info["levels"][0]["width"] == 1152
+
+
+def test_info_without_mpp_says_how_to_give_it(tcga_no_mpp, capsys, tmp_path):
+    assert main(["info", str(tcga_no_mpp)]) == 0
+    assert "mpp         unknown" in capsys.readouterr().out
+    csv = tmp_path / "mpp.csv"
+    csv.write_text(f"slide,mpp\n{tcga_no_mpp.name},0.2527\n")
+    assert main(["info", str(tcga_no_mpp), "--mpp-csv", str(csv)]) == 0
+    assert "source: user" in capsys.readouterr().out
+
+
+def test_unsupported_file_exits_2_with_the_reason(capsys):
+    path = shared_file("pathml/small_dicom.dcm")
+    assert main(["info", str(path)]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: UnsupportedFormatError") and "openslide:" in err and "tiffslide:" in err
+
+
+def test_tiles_command_streams_the_sample(cmu_small, capsys):
+    assert main(["tiles", str(cmu_small), "--target-mpp", "0.5", "--tile-px", "224"]) == 0
+    out = capsys.readouterr().out
+    assert "tiles of 224 px at 0.5 µm/px" in out and "patches/s" in out
