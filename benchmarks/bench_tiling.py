@@ -14,7 +14,7 @@ level-0 coordinates, read level and read size, converted to an RGB numpy array a
 grid resamples, resized to ``tile_px`` with PIL's box filter. The ratio is wsiengine / baseline.
 
 Each measured phase runs in a fresh interpreter (this script re-invoked with a hidden
-``--_phase`` flag), so its peak RSS (``ru_maxrss``) is its own: imports included, nothing left
+``--_phase`` flag), so its peak RSS (VmHWM) is its own: imports included, nothing left
 over from another phase. The grid planned in the mask phase is handed to the stream and
 baseline phases through a temporary file. The slide file is read through once beforehand so
 every phase starts with the same (warm) page cache.
@@ -47,7 +47,18 @@ if (REPO / "wsiengine" / "__init__.py").is_file() and str(REPO) not in sys.path:
 
 # -- helpers shared by the phases ---------------------------------------------------------------
 def _peak_rss_mb() -> float:
-    """Peak resident set size of this process, MB (Linux reports ru_maxrss in KiB, macOS in bytes)."""
+    """Peak resident set size of this process, MB.
+
+    On Linux, VmHWM from /proc (the high-water mark of this process's own memory; ru_maxrss
+    would carry over the parent's peak across fork + exec). Elsewhere ru_maxrss.
+    """
+    try:
+        with open("/proc/self/status") as handle:
+            for line in handle:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) / 1024
+    except OSError:
+        pass
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     return peak / (1024 * 1024) if sys.platform == "darwin" else peak / 1024
 
