@@ -495,7 +495,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--batch-size", type=int, default=64)
     parser.add_argument("--workers", type=int, default=0, help="stream_patches reader threads (default: one per core)")
     parser.add_argument("--min-tissue", type=float, default=0.25)
-    parser.add_argument("--backend", default="auto", choices=["auto", "openslide", "tiffslide"], help="wsiengine backend")
+    parser.add_argument("--backend", default="auto", choices=["auto", "tifffile", "openslide", "tiffslide"], help="wsiengine backend")
     parser.add_argument("--repeat", type=int, default=3, help="timed repeats of mask and plan (best is reported)")
     parser.add_argument("--rounds", type=int, default=3, help="stream and baseline runs, alternated; medians are reported (default 3)")
     parser.add_argument("--skip-baseline", action="store_true")
