@@ -103,7 +103,7 @@ def test_blank_slide_gives_empty_mask_or_raises(tmp_path, caplog):
     assert len(plan_tiles(slide, mask)) == 0
 
 
-def test_tiles_land_on_tissue_not_on_glass_or_pen(tmp_path):
+def test_tiles_land_on_tissue_not_on_glass_or_pen(tmp_path, shared_data):  # real tissue textures
     synthetic = make_pyramidal_slide(tmp_path / "pen.tiff", width=12288, height=8192, mpp=0.25, pen=True, seed=3)
     slide = open_slide(synthetic.path)
     mask = detect_tissue(slide)
@@ -121,7 +121,7 @@ def test_tiles_land_on_tissue_not_on_glass_or_pen(tmp_path):
     assert covered > 0.6
 
 
-def test_thumbnail_reads_stay_within_the_budget(tmp_path):
+def test_thumbnail_reads_stay_within_the_budget(tmp_path, shared_data):  # real tissue textures
     synthetic = make_pyramidal_slide(tmp_path / "big.tiff", width=16384, height=12288, mpp=0.25, levels=(1,), seed=1)
     slide = open_slide(synthetic.path)
     sizes = []

@@ -12,7 +12,7 @@ import contextlib
 import dataclasses
 import os
 from collections.abc import Iterator
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, fields
 from typing import Any, Literal, TypeVar, get_type_hints
 
 from .errors import ConfigError
@@ -105,6 +105,10 @@ class TissueConfig(_EnvConfig):
         Radii of the morphological closing and opening, µm.
     reject_pen : bool
         Exclude green, blue and red ink.
+    pen_margin_um : float
+        Margin around ink also excluded, µm (ink edges are blurred).
+    min_pen_object_um2 : float
+        Ink-coloured specks smaller than this (µm²) are not treated as pen marks.
     on_empty : {"warn", "raise"}
         No tissue: return an empty mask and log a warning, or raise NoTissueError.
     """
@@ -117,12 +121,14 @@ class TissueConfig(_EnvConfig):
     closing_um: float = 16.0
     opening_um: float = 16.0
     reject_pen: bool = True
+    pen_margin_um: float = 16.0
+    min_pen_object_um2: float = 2_000.0
     on_empty: Literal["warn", "raise"] = "warn"
 
     def __post_init__(self) -> None:
         for name in ("mask_mpp", "max_mask_px", "read_budget_px"):
             _positive(name, getattr(self, name))
-        for name in ("min_object_um2", "max_hole_um2", "closing_um", "opening_um"):
+        for name in ("min_object_um2", "max_hole_um2", "closing_um", "opening_um", "pen_margin_um", "min_pen_object_um2"):
             if getattr(self, name) < 0:
                 raise ConfigError(f"{name} must be >= 0, got {getattr(self, name)!r}")
         if self.on_empty not in ("warn", "raise"):

@@ -173,6 +173,8 @@ def detect_tissue(
         max_hole_px=int(config.max_hole_um2 / px_area),
         min_object_px=int(math.ceil(config.min_object_um2 / px_area)),
         reject_pen=config.reject_pen,
+        pen_dilation_px=radius(config.pen_margin_um),
+        min_pen_object_px=int(math.ceil(config.min_pen_object_um2 / px_area)),
     )
     raster, threshold = segment_tissue(thumb, params, return_threshold=True)
     scale = (w0 / raster.shape[1], h0 / raster.shape[0])

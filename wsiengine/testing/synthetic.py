@@ -271,6 +271,8 @@ def load_default_source() -> np.ndarray:
     for root in _data_roots():
         for relative in DEFAULT_SOURCES:
             path = (root / relative).resolve()
+            if str(path) in tried:
+                continue
             tried.append(str(path))
             if path.is_file():
                 return _read_image(path)
