@@ -22,14 +22,19 @@ def _parse_mpp(text: str | None) -> tuple[float, float] | None:
     return (parts[0], parts[0]) if len(parts) == 1 else (parts[0], parts[1])
 
 
-def _cmd_info(args: argparse.Namespace) -> int:
+def _open(args: argparse.Namespace, *, require_mpp: bool = True):
+    """Open ``args.slide`` with the backend and mpp options shared by the slide commands."""
     from .resolution import lookup_mpp, read_mpp_csv
     from .slide import open_slide
 
     mpp = _parse_mpp(args.mpp)
     if mpp is None and args.mpp_csv:
         mpp = lookup_mpp(read_mpp_csv(args.mpp_csv), args.slide)
-    slide = open_slide(args.slide, backend=args.backend, mpp=mpp, force_mpp=args.force_mpp, require_mpp=False)
+    return open_slide(args.slide, backend=args.backend, mpp=mpp, force_mpp=args.force_mpp, require_mpp=require_mpp)
+
+
+def _cmd_info(args: argparse.Namespace) -> int:
+    slide = _open(args, require_mpp=False)
     with slide:
         info = {
             "path": str(slide.path),
@@ -77,12 +82,11 @@ def _cmd_info(args: argparse.Namespace) -> int:
 
 def _cmd_tiles(args: argparse.Namespace) -> int:
     from .config import TilingConfig
-    from .slide import open_slide
     from .stream import stream_patches
     from .tiling import plan_tiles
     from .tissue import detect_tissue
 
-    slide = open_slide(args.slide, backend=args.backend, mpp=_parse_mpp(args.mpp), force_mpp=args.force_mpp)
+    slide = _open(args)
     t0 = time.perf_counter()
     mask = detect_tissue(slide)
     t1 = time.perf_counter()
@@ -110,10 +114,10 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--backend", default="auto", choices=["auto", "tifffile", "openslide", "tiffslide"])
         p.add_argument("--mpp", help="level-0 µm/px when the file has none: 'X' or 'X,Y'")
         p.add_argument("--force-mpp", action="store_true", help="use --mpp even when the file has metadata")
+        p.add_argument("--mpp-csv", help="CSV with columns slide,mpp (used when the file has no mpp)")
 
     info = sub.add_parser("info", help="format, backend, levels, mpp and where the mpp came from")
     slide_options(info)
-    info.add_argument("--mpp-csv", help="CSV with columns slide,mpp")
     info.add_argument("--json", action="store_true", help="machine-readable output")
     info.set_defaults(func=_cmd_info)
 
