@@ -35,3 +35,16 @@ def cmu_small() -> Path:
 def tcga_no_mpp() -> Path:
     """TCGA frozen section: Aperio SVS, JPEG 2000, 2 levels, no mpp."""
     return shared_file("histolab/tcga-cr-7395-01a-01-ts1.svs")
+
+
+def record_read_sizes(slide) -> list[int]:
+    """Record the pixel count of every backend read of ``slide`` (a spy on its backend)."""
+    sizes: list[int] = []
+    original = slide.backend.read_region
+
+    def spy(x, y, level, w, h):
+        sizes.append(w * h)
+        return original(x, y, level, w, h)
+
+    slide.backend.read_region = spy
+    return sizes

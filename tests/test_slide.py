@@ -8,7 +8,7 @@ import pytest
 from wsiengine import errors, open_slide
 from wsiengine.slide import MPP_TOLERANCE, resize_area
 
-from .conftest import shared_file
+from .conftest import record_read_sizes, shared_file
 
 
 def test_missing_file_is_a_clear_error(tmp_path):
@@ -99,14 +99,7 @@ def test_target_finer_than_level0_is_an_error_unless_allowed(cmu_small):
 
 def test_thumbnail_respects_the_read_budget(cmu_small):
     slide = open_slide(cmu_small)
-    calls = []
-    original = slide.backend.read_region
-
-    def spy(x, y, level, w, h):
-        calls.append(w * h)
-        return original(x, y, level, w, h)
-
-    slide.backend.read_region = spy
+    calls = record_read_sizes(slide)
     thumb, mpp = slide.thumbnail(4.0, read_budget_px=300 * 300)
     assert thumb.shape == (round(2967 * 0.499 / 4), round(2220 * 0.499 / 4), 3)
     assert mpp == pytest.approx((4.0, 4.0), rel=0.01)

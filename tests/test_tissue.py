@@ -14,7 +14,7 @@ from wsiengine import TissueConfig, detect_tissue, errors, open_slide, plan_tile
 from wsiengine.tissue import mask_to_polygons
 from wsiengine.testing import make_pyramidal_slide
 
-from .conftest import shared_file
+from .conftest import record_read_sizes, shared_file
 
 
 def _image_as_slide(image: np.ndarray, path, mpp: float):
@@ -124,14 +124,7 @@ def test_tiles_land_on_tissue_not_on_glass_or_pen(tmp_path, shared_data):  # rea
 def test_thumbnail_reads_stay_within_the_budget(tmp_path, shared_data):  # real tissue textures
     synthetic = make_pyramidal_slide(tmp_path / "big.tiff", width=16384, height=12288, mpp=0.25, levels=(1,), seed=1)
     slide = open_slide(synthetic.path)
-    sizes = []
-    original = slide.backend.read_region
-
-    def spy(x, y, level, w, h):
-        sizes.append(w * h)
-        return original(x, y, level, w, h)
-
-    slide.backend.read_region = spy
+    sizes = record_read_sizes(slide)
     config = TissueConfig(read_budget_px=1024 * 1024)
     mask = detect_tissue(slide, config=config)
     assert max(sizes) <= config.read_budget_px and len(sizes) > 16
