@@ -20,6 +20,7 @@ are public on their own:
   :func:`binary_closing`, :func:`binary_opening`
 - components: :func:`label_components`, :func:`remove_small_objects`, :func:`fill_holes`
 - integral images: :func:`integral_image`, :func:`box_sum`, :func:`box_mean`
+- encoder input: :func:`normalise_to_nchw`
 """
 
 from .colour import rgb_to_optical_density, rgb_to_saturation
@@ -27,6 +28,7 @@ from .integral import box_mean, box_sum, integral_image
 from .labels import fill_holes, label_components, remove_small_objects
 from .morphology import binary_closing, binary_dilation, binary_erosion, binary_opening, disk_half_widths
 from .pixel_classes import glass_mask, pen_mask
+from .preprocess import normalise_to_nchw
 from .threshold import bin_centers, histogram, threshold_otsu
 from .tissue_segment import TissueSegmentation, TissueSegmentParams, segment_tissue, segment_tissue_detailed
 
@@ -53,4 +55,5 @@ __all__ = [
     "TissueSegmentation",
     "segment_tissue",
     "segment_tissue_detailed",
+    "normalise_to_nchw",
 ]

@@ -17,6 +17,9 @@ __all__ = [
     "ResolutionError",
     "NoTissueError",
     "ConfigError",
+    "ModelError",
+    "ProviderError",
+    "StoreError",
 ]
 
 
@@ -76,3 +79,15 @@ class NoTissueError(WsiEngineError):
     :class:`~wsiengine.tissue.TissueMask` or :class:`~wsiengine.tiling.TileGrid` is returned
     and a warning is logged.
     """
+
+
+class ModelError(WsiEngineError):
+    """A model file is missing, unreadable, or does not match its spec (input size, embedding size)."""
+
+
+class ProviderError(WsiEngineError):
+    """A requested ONNX Runtime execution provider (CUDA, TensorRT) is not available here."""
+
+
+class StoreError(WsiEngineError):
+    """A result store cannot be written or read (full disk, newer schema, incomplete store)."""

@@ -1,0 +1,439 @@
+"""Encoder: an ONNX Runtime session with provider choice, preprocessing and batching.
+
+>>> enc = Encoder.load("default")          # the shipped EfficientNet-Lite0, no torch needed
+>>> enc.providers                           # ['CPUExecutionProvider']
+>>> feats = enc.embed(batch.images)         # (B, 1280) float32 from (B, H, W, 3) uint8
+>>> for index, feats in enc.stream(slide, grid, batch_size=64): ...
+
+Providers, best first when ``providers="auto"``: TensorRT (fp16, engine cache), CUDA (fp16
+model variant and IO binding), CPU (intra-op threads = cores). An explicit list overrides
+the order; a GPU provider that is not available raises :class:`~wsiengine.errors.ProviderError`
+unless ``allow_fallback=True``, in which case the fallback is logged. The active providers
+are always logged.
+
+The ONNX graph contract (what ``wsiengine export-encoder`` writes): input ``pixels`` float32
+``(batch, 3, input_px, input_px)`` normalised with the spec's mean/std, output ``embeddings``
+float32 ``(batch, embed_dim)``; batch is dynamic. A JSON sidecar ``<model>.onnx.json`` holds the
+:class:`~wsiengine.models.EncoderSpec`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import os
+from collections.abc import Iterator, Sequence
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from PIL import Image
+
+from .errors import ConfigError, ModelError, ProviderError
+from .kernels import normalise_to_nchw
+from .models import EncoderSpec, get_encoder_spec
+from .slide import Slide, resize_area
+from .stream import stream_patches
+from .tiling import TileGrid
+
+__all__ = ["Encoder", "resolve_providers", "PROVIDER_ALIASES", "preprocess"]
+
+logger = logging.getLogger("wsiengine")
+
+PROVIDER_ALIASES = {
+    "tensorrt": "TensorrtExecutionProvider",
+    "trt": "TensorrtExecutionProvider",
+    "cuda": "CUDAExecutionProvider",
+    "cpu": "CPUExecutionProvider",
+}
+_AUTO_ORDER = ("TensorrtExecutionProvider", "CUDAExecutionProvider", "CPUExecutionProvider")
+_GPU = {"TensorrtExecutionProvider", "CUDAExecutionProvider"}
+
+
+def resolve_providers(
+    requested: str | Sequence[str] | None = "auto",
+    available: Sequence[str] | None = None,
+    *,
+    allow_fallback: bool = False,
+) -> list[str]:
+    """Turn a provider request into the ordered list of ONNX Runtime provider names to use.
+
+    ``"auto"`` (or None): every available one of TensorRT, CUDA, CPU, in that order. A name or
+    a list (``"cuda"``, ``["tensorrt", "cuda", "cpu"]``, or ONNX Runtime's own names) is used
+    as given; CPU is always appended last as the safety net ONNX Runtime needs. A requested GPU
+    provider that is not available raises ProviderError, or with ``allow_fallback`` is dropped
+    with a warning.
+    """
+    if available is None:
+        import onnxruntime as ort
+
+        available = ort.get_available_providers()
+    available = list(available)
+    if requested is None or requested == "auto":
+        return [p for p in _AUTO_ORDER if p in available] or ["CPUExecutionProvider"]
+    names = [requested] if isinstance(requested, str) else list(requested)
+    wanted = []
+    for name in names:
+        full = PROVIDER_ALIASES.get(name.lower(), name) if isinstance(name, str) else name
+        if full not in _AUTO_ORDER and full not in available:
+            raise ConfigError(f"unknown execution provider {name!r}; use 'auto', 'tensorrt', 'cuda', 'cpu' or one of {available}")
+        wanted.append(full)
+    chosen = []
+    for full in wanted:
+        if full in available:
+            chosen.append(full)
+            continue
+        message = (
+            f"{full} was requested but this onnxruntime has only {available}. "
+            "Install the GPU build (pip install 'wsiengine[gpu]', which brings onnxruntime-gpu, "
+            "with CUDA 12 and cuDNN 9; TensorRT 10 for TensorrtExecutionProvider), or pass "
+            "providers='cpu', or allow_fallback=True to fall back with a warning."
+        )
+        if not allow_fallback:
+            raise ProviderError(message)
+        logger.warning("%s Falling back.", message)
+    if "CPUExecutionProvider" not in chosen:
+        chosen.append("CPUExecutionProvider")
+    return chosen
+
+
+def preprocess(images: np.ndarray, spec: EncoderSpec) -> np.ndarray:
+    """``(B, H, W, 3)`` uint8 patches -> the spec's network input, ``(B, 3, S, S)`` float32.
+
+    Patches already ``input_px`` square go straight to one fused normalise + HWC->CHW pass
+    (:func:`wsiengine.kernels.normalise_to_nchw`). Others are resized once: area averaging when
+    shrinking, bicubic when enlarging; ``center-crop`` specs resize the short side then crop.
+    """
+    images = np.asarray(images)
+    if images.ndim == 3:
+        images = images[None]
+    if images.ndim != 4 or images.shape[-1] != 3 or images.dtype != np.uint8:
+        raise ConfigError(f"embed() takes (B, H, W, 3) uint8 RGB patches, got {images.dtype} {images.shape}")
+    size = spec.input_px
+    if images.shape[1:3] != (size, size):
+        images = np.stack([_resize_patch(img, size, spec.resize) for img in images])
+    return normalise_to_nchw(images, spec.mean, spec.std)
+
+
+def _resize_patch(image: np.ndarray, size: int, policy: str) -> np.ndarray:
+    h, w = image.shape[:2]
+    if policy == "center-crop" and h != w:
+        scale = size / min(h, w)
+        nw, nh = max(size, round(w * scale)), max(size, round(h * scale))
+        image = _resize(image, nw, nh)
+        x0, y0 = (nw - size) // 2, (nh - size) // 2
+        return np.ascontiguousarray(image[y0 : y0 + size, x0 : x0 + size])
+    return _resize(image, size, size)
+
+
+def _resize(image: np.ndarray, w: int, h: int) -> np.ndarray:
+    if w <= image.shape[1] and h <= image.shape[0]:
+        return resize_area(image, (w, h))
+    return np.asarray(Image.fromarray(image).resize((w, h), Image.Resampling.BICUBIC))
+
+
+def _default_threads() -> int:
+    try:
+        import psutil
+
+        return max(1, psutil.cpu_count(logical=False) or os.cpu_count() or 1)
+    except Exception:  # noqa: BLE001
+        return max(1, os.cpu_count() or 1)
+
+
+def _sidecar(path: Path) -> Path:
+    return path.with_name(path.name + ".json")
+
+
+def _packaged(relative: str) -> Path:
+    return Path(str(resources.files("wsiengine.models").joinpath(relative)))
+
+
+class Encoder:
+    """A patch encoder running in ONNX Runtime.
+
+    Attributes
+    ----------
+    spec : EncoderSpec
+    path : Path
+        The ONNX file in use.
+    session : onnxruntime.InferenceSession
+    providers : list[str]
+        Active execution providers, in priority order.
+    """
+
+    def __init__(self, spec: EncoderSpec, path: Path, session: Any, *, io_binding: bool = False) -> None:
+        self.spec = spec
+        self.path = path
+        self.session = session
+        self.providers: list[str] = list(session.get_providers())
+        self._input = session.get_inputs()[0].name
+        self._output = session.get_outputs()[0].name
+        self._io_binding = io_binding
+
+    # -- construction ---------------------------------------------------------------------
+    @classmethod
+    def load(
+        cls,
+        model: str | os.PathLike[str] = "default",
+        *,
+        weights: str | os.PathLike[str] | None = None,
+        spec: EncoderSpec | str | None = None,
+        providers: str | Sequence[str] | None = "auto",
+        allow_fallback: bool = False,
+        threads: int | None = None,
+        fp16: bool = True,
+        device_id: int = 0,
+        trt_cache_dir: str | os.PathLike[str] | None = None,
+        max_batch_size: int = 256,
+    ) -> "Encoder":
+        """Open an encoder.
+
+        Parameters
+        ----------
+        model : str or path
+            ``"default"`` (the shipped EfficientNet-Lite0), a registry name together with
+            ``weights=`` an exported ``.onnx``, or a path to an ``.onnx`` file (its spec from
+            ``spec=`` or its ``.onnx.json`` sidecar).
+        weights : path, optional
+            The ONNX file for a registry name. A torch checkpoint here is refused with the
+            command that exports it (runtime inference needs no torch).
+        spec : EncoderSpec or registry name, optional
+            The spec of an ``.onnx`` given by path, when it has no sidecar.
+        providers : "auto", a name, or a list
+            See :func:`resolve_providers`.
+        allow_fallback : bool
+            Fall back to CPU (logged) when a requested GPU provider is missing or fails.
+        threads : int, optional
+            CPU intra-op threads (default: physical cores).
+        fp16 : bool
+            On GPU: TensorRT builds fp16 engines; CUDA runs a float16 copy of the model
+            (made once, next to the model or in ``trt_cache_dir``) with float32 inputs and outputs.
+        device_id : int
+            CUDA device.
+        trt_cache_dir : path, optional
+            Where TensorRT keeps built engines (default ``~/.cache/wsiengine/trt``).
+        max_batch_size : int
+            Largest batch a TensorRT engine profile covers.
+        """
+        spec_obj, path = cls._locate(model, weights, spec)
+        import onnxruntime as ort
+
+        chosen = resolve_providers(providers, ort.get_available_providers(), allow_fallback=allow_fallback)
+        options = ort.SessionOptions()
+        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+        options.intra_op_num_threads = int(threads or _default_threads())
+        options.inter_op_num_threads = 1
+        provider_args: list[tuple[str, dict[str, Any]]] = []
+        model_path = path
+        for name in chosen:
+            if name == "TensorrtExecutionProvider":
+                cache = Path(trt_cache_dir or Path.home() / ".cache" / "wsiengine" / "trt").expanduser()
+                cache.mkdir(parents=True, exist_ok=True)
+                s = spec_obj.input_px
+                provider_args.append((name, {
+                    "device_id": device_id,
+                    "trt_fp16_enable": bool(fp16),
+                    "trt_engine_cache_enable": True,
+                    "trt_engine_cache_path": str(cache),
+                    "trt_timing_cache_enable": True,
+                    "trt_timing_cache_path": str(cache),
+                    "trt_max_workspace_size": 4 * 2**30,
+                    "trt_profile_min_shapes": f"{_input_name(path)}:1x3x{s}x{s}",
+                    "trt_profile_opt_shapes": f"{_input_name(path)}:64x3x{s}x{s}",
+                    "trt_profile_max_shapes": f"{_input_name(path)}:{max_batch_size}x3x{s}x{s}",
+                }))
+            elif name == "CUDAExecutionProvider":
+                provider_args.append((name, {"device_id": device_id, "cudnn_conv_algo_search": "HEURISTIC"}))
+                if fp16 and "TensorrtExecutionProvider" not in chosen:
+                    model_path = _float16_variant(path, trt_cache_dir)
+            else:
+                provider_args.append((name, {}))
+        try:
+            session = ort.InferenceSession(str(model_path), sess_options=options, providers=provider_args)
+        except Exception as exc:  # noqa: BLE001
+            if allow_fallback and chosen != ["CPUExecutionProvider"]:
+                logger.warning("ONNX Runtime could not start %s (%s); falling back to CPU", chosen, exc)
+                session = ort.InferenceSession(str(path), sess_options=options, providers=["CPUExecutionProvider"])
+                model_path = path
+            else:
+                raise ModelError(f"ONNX Runtime cannot load '{model_path}' with {chosen}: {exc}") from exc
+        active = session.get_providers()
+        missing = [p for p in chosen if p not in active and p != "CPUExecutionProvider"]
+        if missing:
+            message = f"ONNX Runtime did not start {missing} (active: {active}); check CUDA/cuDNN/TensorRT libraries"
+            if not allow_fallback:
+                raise ProviderError(message + ", or pass allow_fallback=True")
+            logger.warning(message)
+        encoder = cls(spec_obj, Path(model_path), session, io_binding="CUDAExecutionProvider" in active)
+        encoder._check_contract()
+        logger.info("encoder %s (%s) on %s, %d CPU threads", spec_obj.name, Path(model_path).name, ", ".join(active), options.intra_op_num_threads)
+        return encoder
+
+    @staticmethod
+    def _locate(model, weights, spec) -> tuple[EncoderSpec, Path]:
+        spec_obj = get_encoder_spec(spec) if isinstance(spec, str) else spec
+        text = os.fspath(model)
+        if text.endswith(".onnx") or Path(text).suffix == ".onnx":
+            path = Path(text).expanduser()
+            if not path.is_file():
+                raise ModelError(f"encoder model '{path}' does not exist; check the path")
+            if spec_obj is None:
+                sidecar = _sidecar(path)
+                if not sidecar.is_file():
+                    raise ModelError(
+                        f"'{path.name}' has no spec: pass spec='<registry name>' or an EncoderSpec, or export it with "
+                        "'wsiengine export-encoder', which writes the spec beside it as .onnx.json"
+                    )
+                spec_obj = _spec_from_json(sidecar)
+            return spec_obj, path
+        try:
+            registered = get_encoder_spec(text)
+        except KeyError as exc:
+            raise ModelError(f"{exc.args[0]}; or give a path to an .onnx file") from None
+        spec_obj = spec_obj or registered
+        if weights is None:
+            if registered.onnx_file is None:
+                raise ModelError(
+                    f"encoder {text!r} ships no weights ({registered.licence}; source: {registered.source}). "
+                    f"Export your checkpoint once with 'wsiengine export-encoder {text} --weights CHECKPOINT -o {text}.onnx' "
+                    f"(needs torch), then Encoder.load('{text}', weights='{text}.onnx')."
+                )
+            path = _packaged(registered.onnx_file)
+            if not path.is_file():
+                raise ModelError(f"the shipped model {registered.onnx_file} is missing from the installation; reinstall wsiengine")
+            return spec_obj, path
+        path = Path(os.fspath(weights)).expanduser()
+        if not path.is_file():
+            raise ModelError(f"weights '{path}' do not exist; check the path")
+        if path.suffix != ".onnx":
+            raise ModelError(
+                f"'{path.name}' is not an ONNX file. Runtime inference needs no torch: export it once with "
+                f"'wsiengine export-encoder {text} --weights {path} -o {text}.onnx' and load that."
+            )
+        return spec_obj, path
+
+    def _check_contract(self) -> None:
+        inp = self.session.get_inputs()[0]
+        out = self.session.get_outputs()[0]
+        shape = list(inp.shape)
+        size = self.spec.input_px
+        if len(shape) != 4 or (isinstance(shape[1], int) and shape[1] != 3):
+            raise ModelError(f"'{self.path.name}' takes input {inp.name} {shape}; an encoder must take (batch, 3, H, W)")
+        for dim in shape[2:]:
+            if isinstance(dim, int) and dim != size:
+                raise ModelError(
+                    f"'{self.path.name}' takes {shape[2]}x{shape[3]} px but spec {self.spec.name!r} says input_px={size}; "
+                    "use the spec the model was exported with"
+                )
+        if isinstance(shape[0], int) and shape[0] != -1:
+            logger.warning("'%s' has a fixed batch size %d; export with a dynamic batch axis for speed", self.path.name, shape[0])
+        out_shape = list(out.shape)
+        if len(out_shape) != 2 or (isinstance(out_shape[1], int) and out_shape[1] != self.spec.embed_dim):
+            raise ModelError(
+                f"'{self.path.name}' outputs {out.name} {out_shape} but spec {self.spec.name!r} says embed_dim={self.spec.embed_dim}"
+            )
+        if "float" not in inp.type:
+            raise ModelError(f"'{self.path.name}' input is {inp.type}; expected float pixels")
+        self._fixed_batch = shape[0] if isinstance(shape[0], int) else None
+
+    # -- inference ------------------------------------------------------------------------
+    @property
+    def embed_dim(self) -> int:
+        return self.spec.embed_dim
+
+    def run(self, pixels: np.ndarray) -> np.ndarray:
+        """Run the network on preprocessed ``(B, 3, S, S)`` float32 input -> ``(B, D)`` float32."""
+        if self._fixed_batch and pixels.shape[0] != self._fixed_batch:
+            return np.concatenate([self.run(pixels[i : i + 1]) for i in range(pixels.shape[0])])
+        if self._io_binding:
+            binding = self.session.io_binding()
+            binding.bind_cpu_input(self._input, pixels)
+            binding.bind_output(self._output, "cpu")
+            self.session.run_with_iobinding(binding)
+            out = binding.copy_outputs_to_cpu()[0]
+        else:
+            out = self.session.run([self._output], {self._input: pixels})[0]
+        return np.asarray(out, dtype=np.float32)
+
+    def embed(self, images: np.ndarray) -> np.ndarray:
+        """Embed ``(B, H, W, 3)`` uint8 RGB patches -> ``(B, embed_dim)`` float32."""
+        if len(images) == 0:
+            return np.zeros((0, self.embed_dim), np.float32)
+        return self.run(preprocess(images, self.spec))
+
+    def stream(
+        self,
+        slide: Slide,
+        grid: TileGrid,
+        batch_size: int = 64,
+        **stream_options: Any,
+    ) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+        """Embed every patch of ``grid``, yielding ``(index, features)`` per batch.
+
+        Reading runs ahead in :func:`~wsiengine.stream.stream_patches`' worker threads while
+        the current batch is in ONNX Runtime (which releases the GIL), so reading and
+        inference overlap. Batches come in completion order; ``index`` says which grid rows.
+        """
+        if not np.isclose(grid.target_mpp, self.spec.target_mpp, rtol=0.05) or grid.tile_px != self.spec.patch_px:
+            logger.info(
+                "%s was trained on %d px patches at %.3g µm/px; this grid is %d px at %.3g µm/px",
+                self.spec.name, self.spec.patch_px, self.spec.target_mpp, grid.tile_px, grid.target_mpp,
+            )
+        for batch in stream_patches(slide, grid, batch_size, **stream_options):
+            yield batch.index, self.embed(batch.images)
+
+    def describe(self) -> dict[str, Any]:
+        """Provenance: spec, file, its sha256 and the active providers."""
+        import hashlib
+
+        digest = hashlib.sha256()
+        with open(self.path, "rb") as handle:
+            for block in iter(lambda: handle.read(1 << 20), b""):
+                digest.update(block)
+        return {"spec": self.spec.to_dict(), "file": str(self.path), "sha256": digest.hexdigest(), "providers": self.providers}
+
+    def __repr__(self) -> str:
+        return f"<Encoder {self.spec.name!r} {self.spec.input_px}px -> {self.embed_dim}-d on {self.providers[0]}>"
+
+
+def _input_name(path: Path) -> str:
+    import onnx
+
+    return onnx.load(str(path), load_external_data=False).graph.input[0].name
+
+
+def _spec_from_json(path: Path) -> EncoderSpec:
+    data = json.loads(path.read_text())
+    data = data.get("spec", data)
+    fields = {f.name for f in dataclasses.fields(EncoderSpec)}
+    for key in ("mean", "std"):
+        if key in data:
+            data[key] = tuple(data[key])
+    try:
+        return EncoderSpec(**{k: v for k, v in data.items() if k in fields})
+    except TypeError as exc:
+        raise ModelError(f"spec file '{path}' is not an EncoderSpec: {exc}") from None
+
+
+def _float16_variant(path: Path, cache_dir: str | os.PathLike[str] | None) -> Path:
+    """A float16 copy of the model with float32 inputs/outputs, made once and reused."""
+    target = path.with_name(path.stem + ".fp16.onnx")
+    if cache_dir is not None or not os.access(path.parent, os.W_OK):
+        base = Path(cache_dir or Path.home() / ".cache" / "wsiengine").expanduser()
+        base.mkdir(parents=True, exist_ok=True)
+        target = base / (path.stem + ".fp16.onnx")
+    if target.is_file() and target.stat().st_mtime >= path.stat().st_mtime:
+        return target
+    import onnx
+    from onnxruntime.transformers.float16 import convert_float_to_float16
+
+    model = convert_float_to_float16(onnx.load(str(path)), keep_io_types=True)
+    partial = target.with_name(target.name + ".part")
+    onnx.save(model, str(partial))
+    partial.replace(target)
+    logger.info("wrote float16 variant %s", target)
+    return target
