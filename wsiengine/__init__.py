@@ -6,6 +6,8 @@
 >>> grid = we.plan_tiles(slide, mask, target_mpp=0.5, tile_px=224)
 >>> for batch in we.stream_patches(slide, grid, batch_size=64):
 ...     batch.images, batch.index
+>>> enc = we.Encoder.load("default")                 # ONNX Runtime, no torch
+>>> for index, feats in enc.stream(slide, grid): ...
 """
 
 from __future__ import annotations
@@ -14,8 +16,12 @@ from importlib.metadata import PackageNotFoundError, version
 
 from . import errors
 from .config import StreamConfig, TilingConfig, TissueConfig, set_defaults
+from .encode import Encoder
+from .models import EncoderSpec, get_encoder_spec, list_encoders
+from .pipeline import embed_slide
 from .resolution import read_mpp_csv
 from .slide import Slide, open_slide
+from .store import open_store, read_features
 from .stream import PatchBatch, stream_patches
 from .tiling import TileGrid, plan_tiles
 from .tissue import TissueMask, detect_tissue
@@ -37,6 +43,13 @@ __all__ = [
     "TileGrid",
     "stream_patches",
     "PatchBatch",
+    "Encoder",
+    "EncoderSpec",
+    "get_encoder_spec",
+    "list_encoders",
+    "embed_slide",
+    "open_store",
+    "read_features",
     "TissueConfig",
     "TilingConfig",
     "StreamConfig",

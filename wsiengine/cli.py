@@ -102,6 +102,51 @@ def _cmd_tiles(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_export_encoder(args: argparse.Namespace) -> int:
+    import json
+    from pathlib import Path
+
+    try:
+        from .models.export import export_encoder_onnx
+    except ImportError as exc:
+        print(f"error: export needs torch and onnx (pip install 'wsiengine[train]'): {exc}", file=sys.stderr)
+        return 2
+    from .models import get_encoder_spec
+
+    spec = get_encoder_spec(args.name)
+    out = Path(args.output)
+    report = export_encoder_onnx(spec, out, weights=args.weights, opset=args.opset, fp16=args.fp16)
+    sidecar = out.with_name(out.name + ".json")
+    sidecar.write_text(json.dumps({"spec": spec.to_dict(), "weights": str(args.weights) if args.weights else None,
+                                   "sha256": report.sha256}, indent=2))
+    print(f"wrote {out} ({out.stat().st_size / 2**20:.1f} MB, sha256 {report.sha256[:16]}...) and {sidecar.name}")
+    print(f"agreement with torch: min cosine {report.min_cosine:.6f}, max |diff| {report.max_abs_diff:.2e} "
+          f"({report.n_params / 1e6:.1f} M parameters, {report.seconds:.1f} s)")
+    return 0
+
+
+def _cmd_embed(args: argparse.Namespace) -> int:
+    from .config import TilingConfig
+    from .encode import Encoder
+    from .pipeline import embed_slide
+    from .tiling import plan_tiles
+    from .tissue import detect_tissue
+
+    slide = _open(args)
+    providers = args.providers.split(",") if "," in args.providers else args.providers
+    encoder = Encoder.load(args.encoder, weights=args.weights, providers=providers, allow_fallback=args.allow_fallback)
+    mask = detect_tissue(slide)
+    tile_px = args.tile_px or encoder.spec.patch_px
+    target_mpp = args.target_mpp or encoder.spec.target_mpp
+    grid = plan_tiles(slide, mask, config=TilingConfig(target_mpp=target_mpp, tile_px=tile_px, min_tissue=args.min_tissue))
+    t0 = time.perf_counter()
+    path = embed_slide(slide, grid, encoder, args.output, batch_size=args.batch_size)
+    seconds = time.perf_counter() - t0
+    print(f"{slide.path.name}: {len(grid)} tiles -> {path} ({encoder.embed_dim}-d {encoder.spec.name} on "
+          f"{encoder.providers[0]}) in {seconds:.1f} s ({len(grid) / max(seconds, 1e-9):.0f} patches/s)")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="wsiengine", description="Gigapixel whole-slide image inference.")
     parser.add_argument("--version", action="version", version=f"wsiengine {__version__}")
@@ -129,6 +174,27 @@ def build_parser() -> argparse.ArgumentParser:
     tiles.add_argument("--min-tissue", type=float, default=0.25)
     tiles.add_argument("--batch-size", type=int, default=64)
     tiles.set_defaults(func=_cmd_tiles)
+
+    export = sub.add_parser("export-encoder", help="export a registry encoder's local checkpoint to ONNX, verified against torch")
+    export.add_argument("name", help="registry name (see wsiengine.models.list_encoders())")
+    export.add_argument("--weights", help="local checkpoint (.pth, .bin, .safetensors); omit for the default's shipped weights")
+    export.add_argument("-o", "--output", required=True, help="the .onnx file to write (a .onnx.json spec goes beside it)")
+    export.add_argument("--opset", type=int, default=17)
+    export.add_argument("--fp16", action="store_true", help="also write a float16 variant")
+    export.set_defaults(func=_cmd_export_encoder)
+
+    embed = sub.add_parser("embed", help="tissue, tiles and embeddings of one slide into a Zarr store")
+    slide_options(embed)
+    embed.add_argument("-o", "--output", required=True, help="the store to write, e.g. results/x.zarr")
+    embed.add_argument("--encoder", default="default", help="'default', a registry name (with --weights), or an .onnx path")
+    embed.add_argument("--weights", help="the exported .onnx for a registry encoder")
+    embed.add_argument("--providers", default="auto", help="auto, tensorrt, cuda or cpu (comma-separated for a list)")
+    embed.add_argument("--allow-fallback", action="store_true", help="fall back to CPU when a GPU provider is missing")
+    embed.add_argument("--target-mpp", type=float, help="patch resolution, µm/px (default: the encoder's)")
+    embed.add_argument("--tile-px", type=int, help="patch side, pixels (default: the encoder's)")
+    embed.add_argument("--min-tissue", type=float, default=0.25)
+    embed.add_argument("--batch-size", type=int, default=64)
+    embed.set_defaults(func=_cmd_embed)
     return parser
 
 
