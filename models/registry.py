@@ -124,7 +124,7 @@ register_encoder(EncoderSpec(
     licence="CC-BY-NC-ND-4.0 (gated; research use)",
     source="paige-ai/Virchow2 pytorch_model.bin (obtain it under its licence, then weights=PATH)",
     builder_kwargs=dict(patch_size=14, embed_dim=1280, depth=32, num_heads=16, mlp_ratio=5.3375,
-                        mlp="swiglu", reg_tokens=4, init_values=1e-5),
+                        mlp="swiglu_packed", reg_tokens=4, init_values=1e-5),
     notes="Virchow2: ViT-H/14 with 4 registers; embedding = class token ++ mean patch token (2 x 1280).",
 ))
 
@@ -166,7 +166,8 @@ register_encoder(EncoderSpec(
     target_mpp=0.5,
     licence="Apache-2.0",
     source="prov-gigapath/prov-gigapath pytorch_model.bin (tile encoder)",
-    builder_kwargs=dict(patch_size=16, embed_dim=1536, depth=40, num_heads=24, mlp_ratio=5.33334, init_values=1e-5),
+    builder_kwargs=dict(patch_size=16, embed_dim=1536, depth=40, num_heads=24, mlp_ratio=5.33334,
+                        mlp="swiglu_packed", init_values=1e-5),
     notes="Prov-GigaPath tile encoder: ViT-g/16 DINOv2-trained on 1.3 B tiles.",
 ))
 

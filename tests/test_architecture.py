@@ -66,4 +66,6 @@ def test_wheel_maps_kernels_and_models_into_the_package(tmp_path):
     names = zipfile.ZipFile(wheel).namelist()
     assert "wsiengine/kernels/__init__.py" in names
     assert "wsiengine/models/__init__.py" in names
+    assert "wsiengine/models/weights/efficientnet_lite0.onnx" in names  # the shipped default encoder
+    assert "wsiengine/models/architectures/vit.py" in names
     assert not [n for n in names if n.startswith(("kernels/", "models/"))]
