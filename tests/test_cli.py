@@ -50,3 +50,27 @@ def test_tiles_command_streams_the_sample(cmu_small, capsys):
     assert main(["tiles", str(cmu_small), "--target-mpp", "0.5", "--tile-px", "224"]) == 0
     out = capsys.readouterr().out
     assert "tiles of 224 px at 0.5 µm/px" in out and "patches/s" in out
+
+
+def test_export_encoder_then_embed_with_it(cmu_small, tmp_path, capsys):
+    pytest.importorskip("torch")
+    import numpy as np
+
+    from wsiengine import Encoder
+
+    out = tmp_path / "default.onnx"
+    assert main(["export-encoder", "default", "-o", str(out)]) == 0
+    assert "min cosine 1.0" in capsys.readouterr().out
+    assert (tmp_path / "default.onnx.json").is_file()
+    exported, shipped = Encoder.load(out), Encoder.load("default")
+    patches = np.random.default_rng(0).integers(0, 256, (3, 224, 224, 3), dtype=np.uint8)
+    np.testing.assert_allclose(exported.embed(patches), shipped.embed(patches), atol=1e-4)
+    store = tmp_path / "cmu.zarr"
+    assert main(["embed", str(cmu_small), "-o", str(store), "--encoder", str(out), "--providers", "cpu"]) == 0
+    assert "1280-d default on CPUExecutionProvider" in capsys.readouterr().out
+
+
+def test_export_encoder_without_weights_is_refused_for_gated_models(tmp_path, capsys):
+    pytest.importorskip("torch")
+    assert main(["export-encoder", "uni", "-o", str(tmp_path / "uni.onnx")]) == 2
+    assert "ships no weights" in capsys.readouterr().err

@@ -103,7 +103,6 @@ def _cmd_tiles(args: argparse.Namespace) -> int:
 
 
 def _cmd_export_encoder(args: argparse.Namespace) -> int:
-    import json
     from pathlib import Path
 
     try:
@@ -114,12 +113,17 @@ def _cmd_export_encoder(args: argparse.Namespace) -> int:
     from .models import get_encoder_spec
 
     spec = get_encoder_spec(args.name)
+    weights = args.weights
+    if weights is None:
+        if spec.name != "default":
+            print(f"error: {spec.name} ships no weights; pass --weights CHECKPOINT ({spec.source})", file=sys.stderr)
+            return 2
+        from .models.architectures.efficientnet_lite import default_checkpoint_path
+
+        weights = default_checkpoint_path()
     out = Path(args.output)
-    report = export_encoder_onnx(spec, out, weights=args.weights, opset=args.opset, fp16=args.fp16)
-    sidecar = out.with_name(out.name + ".json")
-    sidecar.write_text(json.dumps({"spec": spec.to_dict(), "weights": str(args.weights) if args.weights else None,
-                                   "sha256": report.sha256}, indent=2))
-    print(f"wrote {out} ({out.stat().st_size / 2**20:.1f} MB, sha256 {report.sha256[:16]}...) and {sidecar.name}")
+    report = export_encoder_onnx(spec, out, weights=weights, opset=args.opset, fp16=args.fp16)
+    print(f"wrote {out} ({out.stat().st_size / 2**20:.1f} MB, sha256 {report.sha256[:16]}...) and its spec {out.name}.json")
     print(f"agreement with torch: min cosine {report.min_cosine:.6f}, max |diff| {report.max_abs_diff:.2e} "
           f"({report.n_params / 1e6:.1f} M parameters, {report.seconds:.1f} s)")
     return 0
