@@ -63,7 +63,12 @@ def main(argv: list[str] | None = None) -> int:
             from wsiengine.models.build import build_encoder
 
             torch.set_num_threads(args.threads)
-            model = build_encoder(spec, weights=args.weights)
+            weights = args.weights
+            if weights is None and spec.name == "default":  # the same weights as the shipped ONNX
+                from wsiengine.models.architectures.efficientnet_lite import default_checkpoint_path
+
+                weights = default_checkpoint_path()
+            model = build_encoder(spec, weights=weights)
         if spec.onnx_file is not None and args.weights is None:
             encoder = Encoder.load(spec.name, providers=args.providers, threads=args.threads)
         else:

