@@ -17,6 +17,7 @@ from importlib.metadata import PackageNotFoundError, version
 from . import errors
 from .config import StreamConfig, TilingConfig, TissueConfig, set_defaults
 from .encode import Encoder
+from .fewshot import FewShotClassifier
 from .models import EncoderSpec, get_encoder_spec, list_encoders
 from .pipeline import embed_slide
 from .resolution import read_mpp_csv
@@ -48,6 +49,7 @@ __all__ = [
     "get_encoder_spec",
     "list_encoders",
     "embed_slide",
+    "FewShotClassifier",
     "open_store",
     "read_features",
     "TissueConfig",
