@@ -144,7 +144,8 @@ def _cmd_embed(args: argparse.Namespace) -> int:
     target_mpp = args.target_mpp or encoder.spec.target_mpp
     grid = plan_tiles(slide, mask, config=TilingConfig(target_mpp=target_mpp, tile_px=tile_px, min_tissue=args.min_tissue))
     t0 = time.perf_counter()
-    path = embed_slide(slide, grid, encoder, args.output, batch_size=args.batch_size)
+    progress = sys.stderr.isatty() and not args.quiet
+    path = embed_slide(slide, grid, encoder, args.output, batch_size=args.batch_size, progress=progress)
     seconds = time.perf_counter() - t0
     print(f"{slide.path.name}: {len(grid)} tiles -> {path} ({encoder.embed_dim}-d {encoder.spec.name} on "
           f"{encoder.providers[0]}) in {seconds:.1f} s ({len(grid) / max(seconds, 1e-9):.0f} patches/s)")
