@@ -16,6 +16,7 @@ from importlib.metadata import PackageNotFoundError, version
 
 from . import errors
 from .config import StreamConfig, TilingConfig, TissueConfig, set_defaults
+from .aggregate import MILHead, SlidePrediction
 from .encode import Encoder
 from .fewshot import FewShotClassifier
 from .models import EncoderSpec, get_encoder_spec, list_encoders
@@ -50,6 +51,8 @@ __all__ = [
     "list_encoders",
     "embed_slide",
     "FewShotClassifier",
+    "MILHead",
+    "SlidePrediction",
     "open_store",
     "read_features",
     "TissueConfig",

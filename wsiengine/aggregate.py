@@ -1,0 +1,272 @@
+"""MIL inference in ONNX Runtime: tile embeddings of one slide -> :class:`SlidePrediction`.
+
+>>> head = MILHead.load("mil_model/")        # a head directory, no torch needed
+>>> pred = head.predict(features)             # features: (N, D) float32 embeddings of one slide
+>>> pred.probability, pred.label, pred.attention.shape, pred.tile_scores.shape
+
+A **head directory** holds two files:
+
+``model.onnx``
+    The graph (written by :func:`wsiengine.models.mil_export.export_mil_onnx`): input
+    ``features`` float32 ``(N, D)`` with N dynamic; outputs ``probability`` float32 ``(1,)``
+    (the positive class), ``attention`` float32 ``(N,)`` (softmax over tiles, sums to 1) and
+    ``tile_scores`` float32 ``(N,)`` (per-tile positive probability in [0, 1]).
+``config.json``
+    ``{"format": "wsiengine.mil_head", "format_version": 1, "name": str, "model": "abmil" |
+    "clam_sb" | ..., "in_dim": int, "threshold": float in [0, 1], "class_names": [negative,
+    positive], "encoder": str or null, "onnx": "model.onnx", "sha256": str, ...}``. Required:
+    ``in_dim`` and ``threshold``; other keys are optional and extra keys (metrics, training
+    provenance) are kept in :attr:`MILHead.config`.
+
+:func:`wsiengine.models.mil_export.save_mil_head` writes such a directory from a trained torch
+model. The graph's activations are linear in N (no ``(N, N)`` tensor), so a 100,000-tile bag
+needs little beyond its own features.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from .errors import ConfigError, ModelError
+
+__all__ = ["SlidePrediction", "MILHead", "HEAD_FORMAT", "HEAD_FORMAT_VERSION", "MODEL_NAME", "CONFIG_NAME"]
+
+logger = logging.getLogger("wsiengine")
+
+HEAD_FORMAT = "wsiengine.mil_head"
+HEAD_FORMAT_VERSION = 1
+MODEL_NAME = "model.onnx"
+CONFIG_NAME = "config.json"
+INPUT_NAME = "features"
+OUTPUT_NAMES = ("probability", "attention", "tile_scores")
+#: Rows checked for NaN/inf at a time, so the check needs no (N, D) boolean copy.
+_FINITE_CHUNK_ROWS = 8192
+
+
+@dataclass(frozen=True, eq=False)
+class SlidePrediction:
+    """One slide's MIL prediction.
+
+    Attributes
+    ----------
+    probability : float
+        Probability of the positive class, in [0, 1].
+    label : int
+        1 if ``probability >= threshold`` else 0 (an index into the head's ``class_names``).
+    threshold : float
+        The decision threshold used.
+    attention : np.ndarray
+        ``(N,)`` float32 attention over the slide's tiles, summing to 1.
+    tile_scores : np.ndarray
+        ``(N,)`` float32 per-tile positive (tumour) score in [0, 1].
+    """
+
+    probability: float
+    label: int
+    threshold: float
+    attention: np.ndarray = field(repr=False)
+    tile_scores: np.ndarray = field(repr=False)
+
+    @property
+    def n_tiles(self) -> int:
+        """N, the number of tiles."""
+        return int(self.attention.shape[0])
+
+
+def _default_threads() -> int:
+    """Physical cores, at most 8 (a MIL head is small; more threads only add overhead)."""
+    try:
+        import psutil
+
+        cores = psutil.cpu_count(logical=False) or os.cpu_count() or 1
+    except Exception:  # noqa: BLE001
+        cores = os.cpu_count() or 1
+    return max(1, min(int(cores), 8))
+
+
+class MILHead:
+    """A slide-level MIL head running in ONNX Runtime (CPU).
+
+    Attributes
+    ----------
+    path : Path
+        The head directory.
+    config : dict
+        The parsed ``config.json``.
+    in_dim : int
+        D, the embedding size the head takes.
+    threshold : float
+        Decision threshold on the probability.
+    name, model, encoder : str or None
+        From the config.
+    class_names : list[str]
+        ``[negative, positive]``.
+    session : onnxruntime.InferenceSession
+    """
+
+    def __init__(self, path: Path, config: dict[str, Any], session: Any) -> None:
+        self.path = path
+        self.config = config
+        self.session = session
+        self.in_dim = int(config["in_dim"])
+        self.threshold = float(config["threshold"])
+        self.name = config.get("name")
+        self.model = config.get("model")
+        self.encoder = config.get("encoder")
+        self.class_names = list(config.get("class_names") or ["negative", "positive"])
+
+    def __repr__(self) -> str:
+        return (f"MILHead(name={self.name!r}, model={self.model!r}, in_dim={self.in_dim}, "
+                f"threshold={self.threshold:.4g}, encoder={self.encoder!r}, path='{self.path}')")
+
+    @classmethod
+    def load(cls, path: str | os.PathLike[str], *, threads: int | None = None) -> "MILHead":
+        """Open a head directory (``model.onnx`` + ``config.json``, see the module docstring).
+
+        Parameters
+        ----------
+        path : path
+            The head directory.
+        threads : int, optional
+            ONNX Runtime intra-op threads (default: physical cores, at most 8).
+
+        Raises
+        ------
+        ModelError
+            The directory or one of its files is missing or unreadable, or the config is invalid.
+        """
+        root = Path(path).expanduser()
+        if not root.is_dir():
+            hint = " (pass the directory that holds it, not the file)" if root.is_file() else ""
+            raise ModelError(f"MIL head directory '{root}' does not exist{hint}; a head is a directory with "
+                             f"{MODEL_NAME} and {CONFIG_NAME}, written by wsiengine.models.mil_export.save_mil_head")
+        cfg_path = root / CONFIG_NAME
+        if not cfg_path.is_file():
+            raise ModelError(f"MIL head directory '{root}' has no {CONFIG_NAME}; re-export the head with "
+                             "wsiengine.models.mil_export.save_mil_head")
+        try:
+            config = json.loads(cfg_path.read_text())
+        except (OSError, ValueError) as exc:
+            raise ModelError(f"cannot read '{cfg_path}': {exc}") from exc
+        if not isinstance(config, dict):
+            raise ModelError(f"'{cfg_path}' must hold a JSON object, got {type(config).__name__}")
+        cls._check_config(config, cfg_path)
+        model_path = root / str(config.get("onnx") or MODEL_NAME)
+        if not model_path.is_file():
+            raise ModelError(f"MIL head directory '{root}' has no {model_path.name}; re-export the head with "
+                             "wsiengine.models.mil_export.save_mil_head")
+        import onnxruntime as ort
+
+        options = ort.SessionOptions()
+        options.log_severity_level = 3
+        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+        options.intra_op_num_threads = int(threads or _default_threads())
+        options.inter_op_num_threads = 1
+        # Bag sizes vary slide to slide: a memory pattern planned for one N is useless for the next.
+        options.enable_mem_pattern = False
+        try:
+            session = ort.InferenceSession(str(model_path), sess_options=options, providers=["CPUExecutionProvider"])
+        except Exception as exc:  # noqa: BLE001 - onnxruntime raises its own exception types
+            raise ModelError(f"ONNX Runtime cannot load '{model_path}': {exc}") from exc
+        inputs = {i.name: i for i in session.get_inputs()}
+        outputs = {o.name for o in session.get_outputs()}
+        if INPUT_NAME not in inputs or not set(OUTPUT_NAMES) <= outputs:
+            raise ModelError(f"'{model_path}' is not a MIL head graph: it needs input {INPUT_NAME!r} and outputs "
+                             f"{list(OUTPUT_NAMES)}, it has inputs {sorted(inputs)} and outputs {sorted(outputs)}")
+        graph_dim = inputs[INPUT_NAME].shape[1] if len(inputs[INPUT_NAME].shape) == 2 else None
+        if isinstance(graph_dim, int) and graph_dim != int(config["in_dim"]):
+            raise ModelError(f"'{cfg_path}' says in_dim={config['in_dim']} but '{model_path}' takes D={graph_dim}")
+        head = cls(root, config, session)
+        logger.info("loaded %r", head)
+        return head
+
+    @staticmethod
+    def _check_config(config: dict[str, Any], cfg_path: Path) -> None:
+        for key in ("in_dim", "threshold"):
+            if key not in config:
+                raise ModelError(f"'{cfg_path}' lacks the required key {key!r}")
+        if config.get("format", HEAD_FORMAT) != HEAD_FORMAT:
+            raise ModelError(f"'{cfg_path}' has format {config.get('format')!r}, expected {HEAD_FORMAT!r}")
+        version = config.get("format_version", HEAD_FORMAT_VERSION)
+        if not isinstance(version, int) or version > HEAD_FORMAT_VERSION:
+            raise ModelError(f"'{cfg_path}' has format_version {version!r}; this wsiengine reads up to "
+                             f"{HEAD_FORMAT_VERSION}, upgrade wsiengine")
+        in_dim, threshold = config["in_dim"], config["threshold"]
+        if isinstance(in_dim, bool) or not isinstance(in_dim, int) or in_dim < 1:
+            raise ModelError(f"'{cfg_path}': in_dim must be a positive integer, got {in_dim!r}")
+        if isinstance(threshold, bool) or not isinstance(threshold, (int, float)) or not 0.0 <= threshold <= 1.0:
+            raise ModelError(f"'{cfg_path}': threshold must be a number in [0, 1], got {threshold!r}")
+        names = config.get("class_names")
+        if names is not None and (not isinstance(names, list) or len(names) != 2):
+            raise ModelError(f"'{cfg_path}': class_names must list 2 names (negative, positive), got {names!r}")
+
+    def _check_features(self, features: Any) -> np.ndarray:
+        if not hasattr(features, "shape") or not hasattr(features, "dtype"):
+            features = np.asarray(features)
+        if len(features.shape) != 2:
+            raise ConfigError(f"features must be a (N, D) array of one slide's tile embeddings, got shape "
+                              f"{tuple(features.shape)}")
+        n, d = (int(s) for s in features.shape)
+        if d != self.in_dim:
+            source = f"from encoder {self.encoder!r}" if self.encoder else "from the encoder it was trained on"
+            raise ConfigError(f"the head {self.name!r} expects D={self.in_dim} features {source}; got {d}. "
+                              "Embed the slide with that encoder, or use a head trained on this encoder's features")
+        if n == 0:
+            raise ConfigError("empty bag: features has 0 tiles (N=0); a slide with no tissue tiles has no MIL "
+                              "prediction, check tissue detection and tiling (min_tissue, target_mpp)")
+        if np.dtype(features.dtype).kind not in "fiub":
+            raise ConfigError(f"features must be numeric, got dtype {features.dtype}")
+        array = np.ascontiguousarray(features, dtype=np.float32)
+        for start in range(0, n, _FINITE_CHUNK_ROWS):
+            chunk = array[start:start + _FINITE_CHUNK_ROWS]
+            if not np.isfinite(chunk).all():
+                rows = start + np.flatnonzero(~np.isfinite(chunk).all(axis=1))
+                raise ConfigError(f"features hold NaN or infinite values in {len(rows)}+ tile(s), first rows "
+                                  f"{rows[:5].tolist()}; re-run the encoder on those tiles or drop them")
+        return array
+
+    def predict(self, features: Any) -> SlidePrediction:
+        """Predict one slide from its tile embeddings.
+
+        Parameters
+        ----------
+        features : array-like, (N, D)
+            The slide's tile embeddings (converted to float32 C-contiguous if needed; a float32
+            C-contiguous array is used without a copy). N >= 1; D must equal :attr:`in_dim`.
+
+        Returns
+        -------
+        SlidePrediction
+
+        Raises
+        ------
+        ConfigError
+            Wrong shape or D, an empty bag (N=0), or NaN/inf features.
+        ModelError
+            The graph's outputs are malformed or not finite.
+        """
+        array = self._check_features(features)
+        n = array.shape[0]
+        try:
+            prob, attention, tiles = self.session.run(list(OUTPUT_NAMES), {INPUT_NAME: array})
+        except Exception as exc:  # noqa: BLE001
+            raise ModelError(f"ONNX Runtime failed to run the MIL head '{self.path}' on a bag of {n}: {exc}") from exc
+        prob = np.asarray(prob, dtype=np.float32).reshape(-1)
+        attention = np.asarray(attention, dtype=np.float32).reshape(-1)
+        tiles = np.asarray(tiles, dtype=np.float32).reshape(-1)
+        if prob.shape != (1,) or attention.shape != (n,) or tiles.shape != (n,):
+            raise ModelError(f"the MIL head '{self.path}' returned shapes {prob.shape}, {attention.shape}, "
+                             f"{tiles.shape} for a bag of {n}; expected (1,), ({n},), ({n},)")
+        probability = float(prob[0])
+        if not np.isfinite(probability) or not np.isfinite(attention).all():
+            raise ModelError(f"the MIL head '{self.path}' produced non-finite outputs for finite features")
+        return SlidePrediction(probability=probability, label=int(probability >= self.threshold),
+                               threshold=self.threshold, attention=attention, tile_scores=tiles)
