@@ -34,6 +34,7 @@ from typing import Any
 
 import numpy as np
 
+from .config import physical_cores
 from .errors import ConfigError, ModelError
 
 __all__ = ["SlidePrediction", "MILHead", "HEAD_FORMAT", "HEAD_FORMAT_VERSION", "MODEL_NAME", "CONFIG_NAME"]
@@ -78,17 +79,6 @@ class SlidePrediction:
     def n_tiles(self) -> int:
         """N, the number of tiles."""
         return int(self.attention.shape[0])
-
-
-def _default_threads() -> int:
-    """Physical cores, at most 8 (a MIL head is small; more threads only add overhead)."""
-    try:
-        import psutil
-
-        cores = psutil.cpu_count(logical=False) or os.cpu_count() or 1
-    except Exception:  # noqa: BLE001
-        cores = os.cpu_count() or 1
-    return max(1, min(int(cores), 8))
 
 
 class MILHead:
@@ -168,7 +158,7 @@ class MILHead:
         options.log_severity_level = 3
         options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
         options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
-        options.intra_op_num_threads = int(threads or _default_threads())
+        options.intra_op_num_threads = int(threads or min(physical_cores(), 8))  # a small head: more threads only add overhead
         options.inter_op_num_threads = 1
         # Bag sizes vary slide to slide: a memory pattern planned for one N is useless for the next.
         options.enable_mem_pattern = False

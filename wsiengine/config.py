@@ -17,7 +17,7 @@ from typing import Any, Literal, TypeVar, get_type_hints
 
 from .errors import ConfigError
 
-__all__ = ["TissueConfig", "TilingConfig", "StreamConfig", "set_defaults", "ENV_PREFIX"]
+__all__ = ["TissueConfig", "TilingConfig", "StreamConfig", "set_defaults", "ENV_PREFIX", "physical_cores"]
 
 ENV_PREFIX = "WSIENGINE_"
 _OVERRIDES: dict[str, Any] = {}
@@ -77,6 +77,17 @@ def set_defaults(**values: Any) -> Iterator[None]:
     finally:
         _OVERRIDES.clear()
         _OVERRIDES.update(previous)
+
+
+def physical_cores() -> int:
+    """Physical CPU cores (logical cores where that is unknown): the default thread count for
+    ONNX Runtime's intra-op pool."""
+    try:
+        import psutil
+
+        return max(1, int(psutil.cpu_count(logical=False) or os.cpu_count() or 1))
+    except Exception:  # noqa: BLE001 - psutil missing or unsupported platform
+        return max(1, os.cpu_count() or 1)
 
 
 def _positive(name: str, value: float) -> None:

@@ -31,6 +31,7 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
+from .config import physical_cores
 from .errors import ConfigError, ModelError, ProviderError
 from .kernels import normalise_to_nchw
 from .models import EncoderSpec, get_encoder_spec
@@ -134,15 +135,6 @@ def _resize(image: np.ndarray, w: int, h: int) -> np.ndarray:
     return np.asarray(Image.fromarray(image).resize((w, h), Image.Resampling.BICUBIC))
 
 
-def _default_threads() -> int:
-    try:
-        import psutil
-
-        return max(1, psutil.cpu_count(logical=False) or os.cpu_count() or 1)
-    except Exception:  # noqa: BLE001
-        return max(1, os.cpu_count() or 1)
-
-
 def _sidecar(path: Path) -> Path:
     return path.with_name(path.name + ".json")
 
@@ -225,7 +217,7 @@ class Encoder:
         options = ort.SessionOptions()
         options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
         options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
-        options.intra_op_num_threads = int(threads or _default_threads())
+        options.intra_op_num_threads = int(threads or physical_cores())
         options.inter_op_num_threads = 1
         provider_args: list[tuple[str, dict[str, Any]]] = []
         model_path = path
