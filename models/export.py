@@ -167,6 +167,13 @@ def _write_onnx(traced_path: Path, out_path: Path, spec: EncoderSpec, external: 
         entry = model.metadata_props.add()
         entry.key, entry.value = key, value
     model.producer_name = "wsiengine"
+    return _save_onnx(model, out_path, external)
+
+
+def _save_onnx(model, out_path: Path, external: bool) -> Path | None:
+    """Save ``model`` to ``out_path``, its weights in ``<name>.data`` when ``external``; returns that file or None."""
+    import onnx
+
     data_path = out_path.with_name(out_path.name + ".data")
     if data_path.exists():
         data_path.unlink()
@@ -284,15 +291,7 @@ def _write_fp16(out_path: Path, example: torch.Tensor, want: np.ndarray, externa
 
     target = out_path.with_name(out_path.stem + ".fp16.onnx")
     half = convert_float_to_float16(onnx.load(str(out_path), load_external_data=True), keep_io_types=True)
-    data = target.with_name(target.name + ".data")
-    if data.exists():
-        data.unlink()
-    if external:
-        onnx.save_model(half, str(target), save_as_external_data=True, all_tensors_to_one_file=True,
-                        location=data.name, size_threshold=1024)
-        _match_mode(data, target)
-    else:
-        onnx.save_model(half, str(target))
+    _save_onnx(half, target, external)
     try:
         # ONNX Runtime 1.32's CPU NCHWc layout pass crashes (segfault, at session creation) on some
         # float16 ViT graphs (CONCH); the CPU check runs without it. GPU providers do not use it.

@@ -56,6 +56,13 @@ class _EnvConfig:
         values.update({k: v for k, v in explicit.items() if v is not None})
         return cls(**values)
 
+    @classmethod
+    def resolve(cls: type[C], config: C | None = None, **explicit: Any) -> C:
+        """``config`` (or the defaults and environment when None) with the non-None ``explicit``
+        keyword arguments applied on top: how API functions merge a config and their arguments."""
+        base = config.to_dict() if config is not None else {}  # type: ignore[attr-defined]
+        return cls.from_env(**{**base, **{k: v for k, v in explicit.items() if v is not None}})  # type: ignore[attr-defined]
+
     def replace(self: C, **changes: Any) -> C:
         return dataclasses.replace(self, **changes)  # type: ignore[type-var]
 

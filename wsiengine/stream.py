@@ -159,12 +159,7 @@ def stream_patches(
     ------
     PatchBatch
     """
-    config = StreamConfig.from_env(
-        **{**(config.to_dict() if config else {}), **{
-            k: v for k, v in dict(batch_size=batch_size, num_workers=num_workers, max_in_flight=max_in_flight, ordered=ordered).items()
-            if v is not None
-        }}
-    )
+    config = StreamConfig.resolve(config, batch_size=batch_size, num_workers=num_workers, max_in_flight=max_in_flight, ordered=ordered)
     if len(grid) == 0:
         return iter(())
     # Small grids are cut finer so every worker has a share (batches then hold fewer patches).

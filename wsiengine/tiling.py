@@ -155,12 +155,7 @@ def plan_tiles(
     NoTissueError
         No patch kept and ``config.on_empty == "raise"``.
     """
-    config = TilingConfig.from_env(
-        **{**(config.to_dict() if config else {}), **{
-            k: v for k, v in dict(target_mpp=target_mpp, tile_px=tile_px, overlap_px=overlap_px, min_tissue=min_tissue).items()
-            if v is not None
-        }}
-    )
+    config = TilingConfig.resolve(config, target_mpp=target_mpp, tile_px=tile_px, overlap_px=overlap_px, min_tissue=min_tissue)
     plan = slide.plan_read((config.tile_px, config.tile_px), config.target_mpp, allow_upsample=config.allow_upsample)
     level = plan.level
     downsample = slide.level_downsamples[level]
