@@ -379,14 +379,17 @@ class Encoder:
             yield batch.index, self.embed(batch.images)
 
     def describe(self) -> dict[str, Any]:
-        """Provenance: spec, file, its sha256 and the active providers."""
-        import hashlib
+        """Provenance: spec, file, its sha256 and the active providers (the hash is computed once per encoder)."""
+        sha256 = getattr(self, "_sha256", None)
+        if sha256 is None:
+            import hashlib
 
-        digest = hashlib.sha256()
-        with open(self.path, "rb") as handle:
-            for block in iter(lambda: handle.read(1 << 20), b""):
-                digest.update(block)
-        return {"spec": self.spec.to_dict(), "file": str(self.path), "sha256": digest.hexdigest(), "providers": self.providers}
+            digest = hashlib.sha256()
+            with open(self.path, "rb") as handle:
+                for block in iter(lambda: handle.read(1 << 20), b""):
+                    digest.update(block)
+            sha256 = self._sha256 = digest.hexdigest()
+        return {"spec": self.spec.to_dict(), "file": str(self.path), "sha256": sha256, "providers": self.providers}
 
     def __repr__(self) -> str:
         return f"<Encoder {self.spec.name!r} {self.spec.input_px}px -> {self.embed_dim}-d on {self.providers[0]}>"
