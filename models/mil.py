@@ -27,7 +27,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-__all__ = ["GatedAttention", "ABMIL", "CLAMSB", "smooth_top1_svm_loss", "build_mil", "MIL_MODELS"]
+__all__ = ["GatedAttention", "ABMIL", "CLAMSB", "MILWithTileClassifier", "MILEnsemble", "smooth_top1_svm_loss", "build_mil", "MIL_MODELS"]
 
 
 class GatedAttention(nn.Module):
@@ -229,3 +229,55 @@ def build_mil(name: str, in_dim: int, **kwargs) -> nn.Module:
     except KeyError:
         raise ValueError(f"unknown MIL model {name!r}; choose one of {sorted(MIL_MODELS)}") from None
     return cls(in_dim, **kwargs)
+
+
+class MILWithTileClassifier(nn.Module):
+    """A MIL head whose tile scores come from a separately trained, supervised tile classifier.
+
+    The slide logit and attention are the MIL head's; the tile score is
+    ``sigmoid(tile_classifier(x))`` on the raw tile embeddings ``x`` ``(N, D)``, e.g. a logistic
+    regression fitted on tiles with known labels, so heatmaps show a calibrated tumour
+    probability rather than relative attention.
+    """
+
+    def __init__(self, mil: nn.Module, tile_classifier: nn.Linear) -> None:
+        super().__init__()
+        if tile_classifier.out_features != 1 or tile_classifier.in_features != getattr(mil, "in_dim", tile_classifier.in_features):
+            raise ValueError(f"the tile classifier must map D={getattr(mil, 'in_dim', '?')} -> 1, got "
+                             f"{tile_classifier.in_features} -> {tile_classifier.out_features}")
+        self.mil = mil
+        self.tile_classifier = tile_classifier
+        self.in_dim = int(tile_classifier.in_features)
+        self.name = f"{getattr(mil, 'name', type(mil).__name__)}+tile"
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """``(N, D)`` -> ``(logit (1,), attention (N,), tile_scores (N,))``."""
+        logit, attention, _ = self.mil(x)
+        return logit, attention, torch.sigmoid(self.tile_classifier(x).squeeze(-1))
+
+
+class MILEnsemble(nn.Module):
+    """The mean of several MIL heads trained on the same task (e.g. different seeds).
+
+    The slide probability is the members' mean probability (returned as its logit), the
+    attention their mean attention (still summing to 1) and the tile score their mean tile score.
+    """
+
+    def __init__(self, members: list[nn.Module]) -> None:
+        super().__init__()
+        if not members:
+            raise ValueError("an ensemble needs at least one member")
+        dims = {int(getattr(m, "in_dim", -1)) for m in members}
+        if len(dims) != 1:
+            raise ValueError(f"ensemble members take different embedding sizes {sorted(dims)}")
+        self.members = nn.ModuleList(members)
+        self.in_dim = dims.pop()
+        self.name = f"{getattr(members[0], 'name', type(members[0]).__name__)}-ensemble{len(members)}"
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """``(N, D)`` -> ``(logit (1,), attention (N,), tile_scores (N,))``."""
+        outs = [m(x) for m in self.members]
+        prob = torch.stack([torch.sigmoid(o[0]) for o in outs]).mean(0).clamp(1e-7, 1 - 1e-7)
+        attention = torch.stack([o[1] for o in outs]).mean(0)
+        tiles = torch.stack([o[2] for o in outs]).mean(0)
+        return torch.log(prob) - torch.log1p(-prob), attention, tiles

@@ -19,7 +19,7 @@ from wsiengine.errors import ModelError  # noqa: E402
 from wsiengine.models.mil import ABMIL, CLAMSB, build_mil, smooth_top1_svm_loss  # noqa: E402
 from wsiengine.models.mil_export import MAX_ABS_DIFF, export_mil_onnx, save_mil_head  # noqa: E402
 
-from ._digits_bags import make_digits_bags  # noqa: E402
+from wsiengine.testing.digits_bags import make_digits_bags  # noqa: E402
 
 MIN_TEST_AUC = 0.95
 
@@ -174,3 +174,29 @@ def test_smooth_top1_svm_loss_value():
 def test_build_mil_unknown_name():
     with pytest.raises(ValueError, match="abmil"):
         build_mil("transmil", 64)
+
+
+def test_ensemble_with_tile_classifier_exports_and_agrees(tmp_path):
+    """The shipped head's structure: an ABMIL ensemble plus a linear tile classifier, one graph."""
+    from wsiengine.aggregate import MILHead
+    from wsiengine.models.mil import MILEnsemble, MILWithTileClassifier
+
+    torch.manual_seed(0)
+    members = [ABMIL(32, hidden_dim=16, attn_dim=8, tile_head=False, embed_layers=2) for _ in range(3)]
+    model = MILWithTileClassifier(MILEnsemble(members), torch.nn.Linear(32, 1)).eval()
+    x = torch.randn(50, 32)
+    with torch.no_grad():
+        logit, attention, tiles = model(x)
+        want = torch.stack([torch.sigmoid(m(x)[0]) for m in members]).mean()
+        assert float(torch.sigmoid(logit)) == pytest.approx(float(want), abs=1e-6)
+        assert float(attention.sum()) == pytest.approx(1.0, abs=1e-6)
+        assert torch.allclose(tiles, torch.sigmoid(model.tile_classifier(x).squeeze(-1)))
+    report = save_mil_head(model, tmp_path / "head", 32, 0.4, "ensemble")
+    assert report.max_abs_diff <= MAX_ABS_DIFF
+    pred = MILHead.load(tmp_path / "head").predict(x.numpy())
+    assert pred.probability == pytest.approx(float(want), abs=1e-5)
+    assert MILHead.load(tmp_path / "head").model == "abmil-ensemble3+tile"
+    with pytest.raises(ValueError, match="different embedding sizes"):
+        MILEnsemble([ABMIL(32), ABMIL(16)])
+    with pytest.raises(ValueError, match="D=32 -> 1"):
+        MILWithTileClassifier(ABMIL(32), torch.nn.Linear(16, 1))

@@ -152,6 +152,63 @@ def _cmd_embed(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_train_mil(args: argparse.Namespace) -> int:
+    from .config import MILTrainConfig
+
+    try:
+        from .models.mil_train import train_mil_from_stores
+    except ImportError as exc:
+        print(f"error: train-mil needs torch, onnx and matplotlib (pip install 'wsiengine[train]'): {exc}", file=sys.stderr)
+        return 2
+    explicit = {name: getattr(args, name) for name in (
+        "model", "folds", "seed", "max_epochs", "min_epochs", "patience", "lr", "weight_decay", "hidden_dim",
+        "dropout", "max_tiles", "threshold_rule", "device", "threads", "val_fraction")}
+    if args.no_balance:
+        explicit["balanced"] = False
+    config = MILTrainConfig.from_env(**explicit)
+    progress = sys.stderr.isatty() and not args.quiet
+    result = train_mil_from_stores(args.features, args.labels, args.output, config, split_files=args.split or (),
+                                   progress=progress, overwrite=args.overwrite)
+    part = "test" if "test" in result.overall else "val"
+    print(f"{'split':<10} {'epoch':>5} {'thresh':>6} {'val AUC':>8} {part + ' AUC':>8} {'bal.acc':>7} {'sens':>5} {'spec':>5}")
+    for fold in result.folds:
+        m = getattr(fold, part) or fold.val
+        print(f"{fold.split.name:<10} {fold.best_epoch:>5} {fold.threshold:>6.3f} {fold.val.auc:>8.3f} {m.auc:>8.3f} "
+              f"{m.balanced_accuracy:>7.3f} {m.sensitivity:>5.2f} {m.specificity:>5.2f}")
+    pooled = result.overall[part]["pooled"]
+    across = result.overall[part]["across_splits"]["auc"]
+    spread = (f" (across {len(result.folds)} splits {across['mean']:.3f} ± {across['sd']:.3f})"
+              if len(result.folds) > 1 and across["mean"] is not None else "")
+    print(f"{part} pooled: AUC {pooled['auc']:.3f}{spread}, balanced accuracy {pooled['balanced_accuracy']:.3f}, "
+          f"sensitivity {pooled['sensitivity']:.3f}, specificity {pooled['specificity']:.3f}")
+    print(f"wrote {result.head_dir} (head from {result.selected}; metrics.json, roc.png, predictions.csv)")
+    return 0
+
+
+def _cmd_predict(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from .aggregate import MILHead
+    from .store import read_features
+
+    head = MILHead.load(args.mil)
+    rows = []
+    for store in args.stores:
+        _, features = read_features(store)
+        pred = head.predict(features)
+        top = int(pred.attention.argmax())
+        rows.append({"slide_id": Path(store).name.removesuffix(".zarr"), "probability": round(pred.probability, 6),
+                     "label": head.class_names[pred.label], "threshold": pred.threshold, "tiles": pred.n_tiles,
+                     "top_attention_tile": top, "max_tile_score": round(float(pred.tile_scores.max()), 6)})
+    if args.json:
+        print(json.dumps(rows, indent=2))
+    else:
+        for r in rows:
+            print(f"{r['slide_id']}: {r['label']} (p={r['probability']:.3f}, threshold {r['threshold']:.3f}, "
+                  f"{r['tiles']} tiles, max tile score {r['max_tile_score']:.3f})")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="wsiengine", description="Gigapixel whole-slide image inference.")
     parser.add_argument("--version", action="version", version=f"wsiengine {__version__}")
@@ -200,6 +257,36 @@ def build_parser() -> argparse.ArgumentParser:
     embed.add_argument("--min-tissue", type=float, default=0.25)
     embed.add_argument("--batch-size", type=int, default=64)
     embed.set_defaults(func=_cmd_embed)
+
+    train = sub.add_parser("train-mil", help="train, cross-validate and export an attention-MIL slide classifier")
+    train.add_argument("--features", required=True, help="folder of SLIDE_ID.zarr feature stores")
+    train.add_argument("--labels", required=True, help="CSV with columns slide_id,label")
+    train.add_argument("-o", "--output", required=True, help="output folder: ONNX head, config, metrics, ROC plot")
+    train.add_argument("--model", default=None, choices=["abmil", "clam_sb"], help="default abmil")
+    train.add_argument("--folds", type=int, help="stratified k-fold splits (default 5)")
+    train.add_argument("--split", nargs="+", help="split file(s) instead of k-fold: slide_id,split[,fold] or CLAM's train,val,test")
+    train.add_argument("--seed", type=int, help="default 0")
+    train.add_argument("--val-fraction", type=float, help="of the non-test slides, for early stopping and the threshold")
+    train.add_argument("--max-epochs", type=int)
+    train.add_argument("--min-epochs", type=int)
+    train.add_argument("--patience", type=int, help="epochs without a better validation AUC before stopping")
+    train.add_argument("--lr", type=float)
+    train.add_argument("--weight-decay", type=float)
+    train.add_argument("--hidden-dim", type=int)
+    train.add_argument("--dropout", type=float)
+    train.add_argument("--max-tiles", type=int, help="training-time tile subsample per bag (0 = all)")
+    train.add_argument("--threshold-rule", choices=["youden", "balanced_accuracy", "f1", "fixed"])
+    train.add_argument("--no-balance", action="store_true", help="plain shuffling instead of class-balanced sampling")
+    train.add_argument("--device", choices=["cpu", "cuda", "auto"])
+    train.add_argument("--threads", type=int, help="torch CPU threads (0 = physical cores)")
+    train.add_argument("--overwrite", action="store_true", help="replace an existing output folder")
+    train.set_defaults(func=_cmd_train_mil)
+
+    predict = sub.add_parser("predict", help="slide labels from feature stores with a MIL head")
+    predict.add_argument("stores", nargs="+", help="SLIDE_ID.zarr stores written by `wsiengine embed`")
+    predict.add_argument("--mil", default="default", help="'default' (the shipped head) or a head folder from train-mil")
+    predict.add_argument("--json", action="store_true", help="machine-readable output")
+    predict.set_defaults(func=_cmd_predict)
     return parser
 
 

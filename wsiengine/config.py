@@ -17,7 +17,7 @@ from typing import Any, Literal, TypeVar, get_type_hints
 
 from .errors import ConfigError
 
-__all__ = ["TissueConfig", "TilingConfig", "StreamConfig", "set_defaults", "ENV_PREFIX", "physical_cores"]
+__all__ = ["TissueConfig", "TilingConfig", "StreamConfig", "MILTrainConfig", "set_defaults", "ENV_PREFIX", "physical_cores"]
 
 ENV_PREFIX = "WSIENGINE_"
 _OVERRIDES: dict[str, Any] = {}
@@ -73,7 +73,7 @@ class _EnvConfig:
 @contextlib.contextmanager
 def set_defaults(**values: Any) -> Iterator[None]:
     """Temporarily override defaults for configs built with ``from_env`` (any config class)."""
-    known = {f.name for cls in (TissueConfig, TilingConfig, StreamConfig) for f in fields(cls)}
+    known = {f.name for cls in (TissueConfig, TilingConfig, StreamConfig, MILTrainConfig) for f in fields(cls)}
     unknown = set(values) - known
     if unknown:
         raise ConfigError(f"unknown option(s) {sorted(unknown)}; known: {sorted(known)}")
@@ -227,3 +227,102 @@ class StreamConfig(_EnvConfig):
     @property
     def workers(self) -> int:
         return self.num_workers or (os.cpu_count() or 1)
+
+
+@dataclass(frozen=True)
+class MILTrainConfig(_EnvConfig):
+    """Training of a slide-level attention-MIL head (``wsiengine train-mil``).
+
+    Parameters
+    ----------
+    model : {"abmil", "clam_sb"}
+        Gated-attention ABMIL (Ilse et al. 2018) or CLAM-SB (Lu et al. 2021).
+    folds : int
+        Stratified k-fold cross-validation: fold i is the test set of split i, and a stratified
+        ``val_fraction`` of the remaining slides its validation set. ``folds=1`` makes one
+        train/validation split with no test set. Ignored when split files are given.
+    val_fraction : float
+        Fraction of the non-test slides held out for validation (early stopping, threshold).
+    seed : int
+        Seeds splits, initialisation, sampling and dropout: same seed, same data, same result.
+    max_epochs, min_epochs, patience : int
+        Passes over the training slides; training stops once ``min_epochs`` have run and the
+        validation AUC (ties broken by validation loss) has not improved for ``patience`` epochs.
+        The epoch with the best validation AUC is kept.
+    lr, weight_decay : float
+        Adam learning rate and L2 weight decay.
+    accumulate : int
+        Bags whose gradients are averaged per optimiser step (the model sees one bag at a time).
+    hidden_dim, attn_dim : int
+        Width of the embedding layer and of the attention network.
+    dropout : float
+        Dropout during training.
+    embed_layers : int
+        Linear+ReLU+Dropout layers before the attention.
+    tile_weight : float
+        ABMIL: weight of the tile-score loss (MIL pseudo-labels); 0 trains no tile head.
+    k_sample, bag_weight : int, float
+        CLAM-SB: tiles per pseudo-label class in the instance loss, and the bag loss weight.
+    max_tiles : int
+        Training only: a bag larger than this is randomly subsampled to this many tiles each
+        time it is drawn (0 = never). Validation and test use every tile.
+    balanced : bool
+        Draw training slides with probability inversely proportional to their class's size
+        (with replacement), so each epoch sees both classes equally often.
+    threshold_rule : {"youden", "balanced_accuracy", "f1", "fixed"}
+        How the decision threshold is chosen on the validation slides (``fixed`` uses 0.5).
+    device : {"cpu", "cuda", "auto"}
+        Where torch trains.
+    threads : int
+        torch CPU threads (0 = physical cores, at most 8). Results are reproducible for a given
+        thread count.
+    cache_gb : float
+        Memory for caching slide features between epochs, GiB; beyond it bags are re-read from
+        their Zarr stores.
+    """
+
+    model: str = "abmil"
+    folds: int = 5
+    val_fraction: float = 0.2
+    seed: int = 0
+    max_epochs: int = 100
+    min_epochs: int = 10
+    patience: int = 15
+    lr: float = 2e-4
+    weight_decay: float = 1e-4
+    accumulate: int = 1
+    hidden_dim: int = 128
+    attn_dim: int = 128
+    dropout: float = 0.25
+    embed_layers: int = 1
+    tile_weight: float = 0.5
+    k_sample: int = 8
+    bag_weight: float = 0.7
+    max_tiles: int = 8192
+    balanced: bool = True
+    threshold_rule: str = "youden"
+    device: str = "cpu"
+    threads: int = 0
+    cache_gb: float = 4.0
+
+    def __post_init__(self) -> None:
+        if self.model.lower().replace("-", "_") not in ("abmil", "clam_sb"):
+            raise ConfigError(f"model must be 'abmil' or 'clam_sb', got {self.model!r}")
+        if self.folds < 1:
+            raise ConfigError(f"folds must be >= 1, got {self.folds}")
+        if not 0 < self.val_fraction < 1:
+            raise ConfigError(f"val_fraction must be in (0, 1), got {self.val_fraction}")
+        for name in ("max_epochs", "accumulate", "hidden_dim", "attn_dim", "embed_layers", "lr"):
+            _positive(name, getattr(self, name))
+        for name in ("min_epochs", "patience", "max_tiles", "threads", "k_sample", "weight_decay", "tile_weight",
+                     "cache_gb"):
+            if getattr(self, name) < 0:
+                raise ConfigError(f"{name} must be >= 0, got {getattr(self, name)!r}")
+        if not 0 <= self.dropout < 1:
+            raise ConfigError(f"dropout must be in [0, 1), got {self.dropout}")
+        if not 0 <= self.bag_weight <= 1:
+            raise ConfigError(f"bag_weight must be in [0, 1], got {self.bag_weight}")
+        if self.threshold_rule not in ("youden", "balanced_accuracy", "f1", "fixed"):
+            raise ConfigError(f"threshold_rule must be youden, balanced_accuracy, f1 or fixed, got {self.threshold_rule!r}")
+        if self.device not in ("cpu", "cuda", "auto"):
+            raise ConfigError(f"device must be 'cpu', 'cuda' or 'auto', got {self.device!r}")

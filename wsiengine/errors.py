@@ -19,6 +19,8 @@ __all__ = [
     "ConfigError",
     "ModelError",
     "ProviderError",
+    "TrainingDataError",
+    "MissingFeaturesError",
     "StoreError",
 ]
 
@@ -91,3 +93,21 @@ class ProviderError(WsiEngineError):
 
 class StoreError(WsiEngineError):
     """A result store cannot be written or read (full disk, newer schema, incomplete store)."""
+
+
+class TrainingDataError(WsiEngineError, ValueError):
+    """Training inputs disagree: a labels CSV, split file or feature stores that do not match."""
+
+
+class MissingFeaturesError(TrainingDataError):
+    """Slides named in a labels CSV (or split file) have no feature store.
+
+    Attributes
+    ----------
+    slide_ids : list[str]
+        The slides without features.
+    """
+
+    def __init__(self, message: str, slide_ids: list[str]) -> None:
+        super().__init__(message)
+        self.slide_ids = list(slide_ids)
