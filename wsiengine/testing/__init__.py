@@ -4,6 +4,12 @@
 >>> slide = make_pyramidal_slide(tmp_path / "s.tiff", width=4096, height=3072)
 >>> slide.tissue_polygons_level0.area / (slide.width * slide.height)   # about 0.2-0.3
 
+PCam-mosaic slides (real PatchCamelyon patches on a 96-px lattice, with lesion ground truth):
+
+>>> from wsiengine.testing import PatchPool, make_mosaic_dataset
+>>> pool = PatchPool.from_pcam("../shared/data/pcam", "train")
+>>> slides = make_mosaic_dataset(tmp_path / "train", pool, 100, seed=0)
+
 Nothing here imports the engine's Numba kernels, so it works while they are being built.
 """
 
@@ -17,6 +23,15 @@ from .synthetic import (
     make_pyramidal_slide,
     truncated_copy,
 )
+from .mosaic import (
+    PATCH_PX,
+    PCAM_MPP,
+    MosaicSlide,
+    PatchPool,
+    load_mosaic_dataset,
+    make_mosaic_dataset,
+    make_mosaic_slide,
+)
 
 __all__ = [
     "make_pyramidal_slide",
@@ -25,4 +40,11 @@ __all__ = [
     "load_default_source",
     "DEFAULT_SOURCES",
     "truncated_copy",
+    "PatchPool",
+    "MosaicSlide",
+    "make_mosaic_slide",
+    "make_mosaic_dataset",
+    "load_mosaic_dataset",
+    "PCAM_MPP",
+    "PATCH_PX",
 ]
