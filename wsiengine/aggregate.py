@@ -37,7 +37,8 @@ import numpy as np
 from .config import physical_cores
 from .errors import ConfigError, ModelError
 
-__all__ = ["SlidePrediction", "MILHead", "HEAD_FORMAT", "HEAD_FORMAT_VERSION", "MODEL_NAME", "CONFIG_NAME"]
+__all__ = ["SlidePrediction", "MILHead", "HEAD_FORMAT", "HEAD_FORMAT_VERSION", "MODEL_NAME", "CONFIG_NAME",
+           "DEFAULT_HEAD", "default_head_path"]
 
 logger = logging.getLogger("wsiengine")
 
@@ -47,8 +48,18 @@ MODEL_NAME = "model.onnx"
 CONFIG_NAME = "config.json"
 INPUT_NAME = "features"
 OUTPUT_NAMES = ("probability", "attention", "tile_scores")
+#: The shipped head (``MILHead.load("default")``), relative to the ``wsiengine.models`` package.
+DEFAULT_HEAD = "weights/mil-default"
 #: Rows checked for NaN/inf at a time, so the check needs no (N, D) boolean copy.
 _FINITE_CHUNK_ROWS = 8192
+
+
+def default_head_path() -> Path:
+    """Folder of the shipped default head (ABMIL + tile tumour classifier on the default encoder;
+    see ``models/cards/mil-default.md``)."""
+    from importlib import resources
+
+    return Path(str(resources.files("wsiengine.models").joinpath(DEFAULT_HEAD)))
 
 
 @dataclass(frozen=True, eq=False)
@@ -122,8 +133,8 @@ class MILHead:
 
         Parameters
         ----------
-        path : path
-            The head directory.
+        path : path or "default"
+            The head directory, or ``"default"`` for the shipped head (:func:`default_head_path`).
         threads : int, optional
             ONNX Runtime intra-op threads (default: physical cores, at most 8).
 
@@ -132,7 +143,13 @@ class MILHead:
         ModelError
             The directory or one of its files is missing or unreadable, or the config is invalid.
         """
-        root = Path(path).expanduser()
+        if os.fspath(path) == "default":
+            root = default_head_path()
+            if not (root / CONFIG_NAME).is_file():
+                raise ModelError(f"the shipped default MIL head is missing from the installation ('{root}'); "
+                                 "reinstall wsiengine")
+        else:
+            root = Path(path).expanduser()
         if not root.is_dir():
             hint = " (pass the directory that holds it, not the file)" if root.is_file() else ""
             raise ModelError(f"MIL head directory '{root}' does not exist{hint}; a head is a directory with "
