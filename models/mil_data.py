@@ -134,6 +134,8 @@ class FeatureBags:
         D, the embedding size (the same for every store).
     encoder : str or None
         The encoder that wrote the features (from the stores' attributes), when they agree.
+    target_mpp, tile_px : float, int or None
+        The tiling the stores share (µm/px and pixels at that resolution), None when they differ.
     """
 
     def __init__(self, slide_ids: Sequence[str], labels: Sequence[int], paths: Sequence[Path], n_tiles: Sequence[int],
@@ -144,6 +146,8 @@ class FeatureBags:
         self.n_tiles = np.asarray(n_tiles, dtype=np.int64)
         self.in_dim = int(in_dim)
         self.encoder = encoder
+        self.target_mpp: float | None = None
+        self.tile_px: int | None = None
         self.cache_bytes = int(cache_bytes)
         self._index = {s: i for i, s in enumerate(self.slide_ids)}
         self._cache: OrderedDict[int, np.ndarray] = OrderedDict()
@@ -187,6 +191,7 @@ class FeatureBags:
         incomplete: list[str] = []
         unreadable: list[str] = []
         found: list[tuple[str, int, Path, int, int, str | None]] = []
+        grids: set[tuple[float | None, int | None]] = set()
         for slide_id, label in labels.items():
             path = root / f"{slide_id}.zarr"
             if not path.exists():
@@ -206,6 +211,8 @@ class FeatureBags:
                 continue
             n, d = (int(s) for s in features.shape)
             encoder = _encoder_name(group.attrs.get("encoder"))
+            grid = group.attrs.get("grid") or {}
+            grids.add((grid.get("target_mpp"), grid.get("tile_px")))
             found.append((slide_id, int(label), path, n, d, encoder))
         if missing or incomplete or unreadable:
             parts = []
@@ -233,8 +240,14 @@ class FeatureBags:
         if empty:
             raise TrainingDataError(f"{len(empty)} slide(s) have no tiles (empty bags): {_list_ids(empty)}; check "
                                     "their tissue detection or drop them from the labels CSV")
-        return cls([f[0] for f in found], [f[1] for f in found], [f[2] for f in found], [f[3] for f in found],
+        if len(grids) > 1:
+            logger.warning("the feature stores were tiled at different resolutions or tile sizes (target_mpp, tile_px): "
+                           "%s; a head trained on them expects a mixture", sorted(grids, key=str))
+        bags = cls([f[0] for f in found], [f[1] for f in found], [f[2] for f in found], [f[3] for f in found],
                    dims[0], encoders[0] if encoders else None, cache_bytes)
+        if len(grids) == 1:
+            bags.target_mpp, bags.tile_px = next(iter(grids))
+        return bags
 
     @classmethod
     def from_arrays(cls, bags: Mapping[str, np.ndarray], labels: Mapping[str, int]) -> "FeatureBags":

@@ -319,6 +319,8 @@ def _head_config(fold: FoldResult, bags: FeatureBags, config: MILTrainConfig, pr
                  ) -> dict[str, Any]:
     return {
         "encoder": bags.encoder,
+        "target_mpp": bags.target_mpp,
+        "tile_px": bags.tile_px,
         "class_names": ["negative", "positive"],
         "tile_score": ("tumour probability from the tile head (MIL pseudo-labels)"
                        if fold.model.__class__.__name__ == "ABMIL" and getattr(fold.model, "tile_head", None) is not None

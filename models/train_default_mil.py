@@ -52,7 +52,7 @@ from ..aggregate import MILHead, default_head_path
 from ..config import MILTrainConfig, TilingConfig
 from ..encode import Encoder
 from ..errors import WsiEngineError
-from ..testing.mosaic import MosaicSlide, PatchPool, load_mosaic_dataset, make_mosaic_dataset
+from ..testing.mosaic import PCAM_MPP, MosaicSlide, PatchPool, load_mosaic_dataset, make_mosaic_dataset
 from .mil import MILEnsemble, MILWithTileClassifier
 from .mil_data import FeatureBags, Split
 from .mil_export import save_mil_head
@@ -332,7 +332,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         "best_epochs": [f.best_epoch for f in result.folds],
     }
     save_mil_head(model, out, bags.in_dim, threshold, "default", {
-        "encoder": "default", "class_names": ["normal", "metastasis"],
+        "encoder": "default", "target_mpp": PCAM_MPP, "tile_px": TILE_PX, "class_names": ["normal", "metastasis"],
         "tile_score": "tumour probability from a logistic-regression tile classifier (PCam train tiles)",
         "intended_input": "H&E lymph node, 96-px tiles at ~0.97 um/px (10x), default encoder embeddings",
         "training": {"script": "python -m wsiengine.models.train_default_mil", "seed": SEED,

@@ -105,3 +105,11 @@ def test_tile_classifier_folds_standardisation_into_one_layer():
         scores = torch.sigmoid(clf.linear(torch.from_numpy(x[400:])).squeeze(-1)).numpy()
     assert clf.val_auc > 0.95 and ((scores > 0.5) == y[400:]).mean() > 0.9
     assert set(clf.grid) == {f"{v:g}" for v in (1e-3, 1e-2, 0.1, 0.3, 1.0, 3.0)}
+
+
+def test_default_head_warns_about_features_tiled_differently():
+    head = MILHead.load("default")
+    assert (head.target_mpp, head.tile_px) == (0.972, 96)
+    assert head.tiling_mismatch(0.972, 96) is None and head.tiling_mismatch(None, None) is None
+    message = head.tiling_mismatch(0.5, 224)
+    assert "0.5 µm/px instead of 0.972" in message and "--target-mpp 0.972 --tile-px 96" in message

@@ -276,6 +276,7 @@ def test_cli_train_mil_writes_head_metrics_and_roc(digits_stores, tmp_path, caps
 
     head = MILHead.load(out)
     assert head.encoder == "digits" and head.config["selected_split"] == metrics["selected_split"]
+    assert (head.target_mpp, head.tile_px) == (1.0, 8)  # the stores' tiling travels with the head
     chosen = next(f for f in metrics["splits"] if f["split"] == metrics["selected_split"])
     assert head.threshold == pytest.approx(chosen["threshold"])
     assert chosen["val"]["auc"] == max(f["val"]["auc"] for f in metrics["splits"])

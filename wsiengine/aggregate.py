@@ -109,6 +109,8 @@ class MILHead:
         From the config.
     class_names : list[str]
         ``[negative, positive]``.
+    target_mpp, tile_px : float, int or None
+        The tiling the head was trained on (µm/px, pixels at that resolution), when recorded.
     session : onnxruntime.InferenceSession
     """
 
@@ -122,6 +124,8 @@ class MILHead:
         self.model = config.get("model")
         self.encoder = config.get("encoder")
         self.class_names = list(config.get("class_names") or ["negative", "positive"])
+        self.target_mpp = float(config["target_mpp"]) if config.get("target_mpp") else None
+        self.tile_px = int(config["tile_px"]) if config.get("tile_px") else None
 
     def __repr__(self) -> str:
         return (f"MILHead(name={self.name!r}, model={self.model!r}, in_dim={self.in_dim}, "
@@ -194,6 +198,20 @@ class MILHead:
         head = cls(root, config, session)
         logger.info("loaded %r", head)
         return head
+
+    def tiling_mismatch(self, target_mpp: float | None, tile_px: int | None) -> str | None:
+        """A warning when features tiled at ``target_mpp`` (µm/px) with ``tile_px`` pixels differ
+        from the tiling the head was trained on by more than 10 %; None when they agree or either is unknown."""
+        problems = []
+        if self.target_mpp and target_mpp and abs(target_mpp / self.target_mpp - 1) > 0.10:
+            problems.append(f"{target_mpp:.3g} µm/px instead of {self.target_mpp:.3g}")
+        if self.tile_px and tile_px and abs(tile_px / self.tile_px - 1) > 0.10:
+            problems.append(f"{tile_px}-px tiles instead of {self.tile_px}")
+        if not problems:
+            return None
+        return (f"the MIL head {self.name!r} was trained on tiles of {self.tile_px} px at {self.target_mpp:.3g} µm/px; "
+                f"these features come from {' and '.join(problems)}, so its output is out of distribution. "
+                f"Embed with --target-mpp {self.target_mpp:.3g} --tile-px {self.tile_px}")
 
     @staticmethod
     def _check_config(config: dict[str, Any], cfg_path: Path) -> None:

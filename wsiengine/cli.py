@@ -193,7 +193,13 @@ def _cmd_predict(args: argparse.Namespace) -> int:
 
     head = MILHead.load(args.mil)
     rows = []
+    from .store import open_store
+
     for store in args.stores:
+        grid = open_store(store).attrs.get("grid") or {}
+        warning = head.tiling_mismatch(grid.get("target_mpp"), grid.get("tile_px"))
+        if warning:
+            logger.warning("%s: %s", Path(store).name, warning)
         _, features = read_features(store)
         pred = head.predict(features)
         top = int(pred.attention.argmax())
