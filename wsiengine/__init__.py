@@ -18,12 +18,14 @@ from . import errors
 from .config import StreamConfig, TilingConfig, TissueConfig, set_defaults
 from .aggregate import MILHead, SlidePrediction
 from .encode import Encoder
+from .evaluate import froc
 from .fewshot import FewShotClassifier
+from .geojson import annotations_to_geometry, export_slide_geojson, read_camelyon_annotations, read_geojson
 from .models import EncoderSpec, get_encoder_spec, list_encoders
-from .pipeline import embed_slide
+from .pipeline import Pipeline, SlideResult, embed_slide
 from .resolution import read_mpp_csv
 from .slide import Slide, open_slide
-from .store import open_store, read_features
+from .store import ResultStore, open_result, open_store, read_features
 from .stream import PatchBatch, stream_patches
 from .tiling import TileGrid, plan_tiles
 from .tissue import TissueMask, detect_tissue
@@ -50,10 +52,19 @@ __all__ = [
     "get_encoder_spec",
     "list_encoders",
     "embed_slide",
+    "Pipeline",
+    "SlideResult",
     "FewShotClassifier",
+    "read_geojson",
+    "annotations_to_geometry",
+    "read_camelyon_annotations",
+    "export_slide_geojson",
+    "froc",
     "MILHead",
     "SlidePrediction",
     "open_store",
+    "open_result",
+    "ResultStore",
     "read_features",
     "TissueConfig",
     "TilingConfig",

@@ -215,6 +215,50 @@ def _cmd_predict(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_geojson(args: argparse.Namespace) -> int:
+    from .geojson import export_slide_geojson
+    from .store import open_result
+
+    store = open_result(args.store)
+    scores = store.tile_scores
+    if scores is None and not args.tiles:
+        logger.warning("%s has no tile scores (no MIL head was run): the GeoJSON holds tissue only", store.path.name)
+    mpp = tuple(store.slide.get("mpp") or store.grid.get("slide_mpp"))
+    threshold = args.threshold if args.threshold is not None else (store.config.get("tumour_threshold") or 0.5)
+    path = export_slide_geojson(args.output, tissue=store.tissue_polygons(), grid=store.tile_grid(), scores=scores,
+                                threshold=threshold, mpp=mpp, tiles=args.tiles, attention=store.attention,
+                                slide_id=store.attrs.get("slide_id") or store.path.stem, gzip=args.gzip or None)
+    print(f"wrote {path}")
+    return 0
+
+
+def _cmd_heatmap(args: argparse.Namespace) -> int:
+    from .heatmap import read_heatmap, render_overlay, save_overlay_png, tile_raster
+    from .store import open_result
+
+    store = open_result(args.store)
+    thumbnail = store.thumbnail
+    if thumbnail is None:
+        print(f"error: {store.path.name} holds no thumbnail (written by `wsiengine embed`?); run the pipeline", file=sys.stderr)
+        return 2
+    if args.value in store.heatmap_names():
+        raster = read_heatmap(store.group, args.value, 0)
+    else:
+        values = {"attention": store.attention, "tile_scores": store.tile_scores,
+                  "tissue_fraction": store.tissue_fraction}.get(args.value)
+        if values is None:
+            print(f"error: {store.path.name} has no {args.value} (no MIL head was run)", file=sys.stderr)
+            return 2
+        if args.value == "attention":
+            values = values / values.max()
+        raster = tile_raster(store.tile_grid(), values)
+    downsample = tuple(float(v) for v in store.array_attrs("thumbnail").get("level0_per_px", [1.0, 1.0]))
+    label = {"tile_scores": "tumour probability", "attention": "attention / max"}.get(args.value, args.value)
+    image = render_overlay(thumbnail, downsample, raster, alpha=args.alpha, label=label)
+    print(f"wrote {save_overlay_png(args.output, image)}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="wsiengine", description="Gigapixel whole-slide image inference.")
     parser.add_argument("--version", action="version", version=f"wsiengine {__version__}")
@@ -293,6 +337,21 @@ def build_parser() -> argparse.ArgumentParser:
     predict.add_argument("--mil", default="default", help="'default' (the shipped head) or a head folder from train-mil")
     predict.add_argument("--json", action="store_true", help="machine-readable output")
     predict.set_defaults(func=_cmd_predict)
+
+    geojson = sub.add_parser("geojson", help="QuPath GeoJSON (tissue, tumour regions, optional tiles) from a result store")
+    geojson.add_argument("store", help="SLIDE_ID.zarr written by the pipeline")
+    geojson.add_argument("-o", "--output", required=True, help=".geojson (or .geojson.gz) to write")
+    geojson.add_argument("--tiles", action="store_true", help="add every tile as a detection with attention and score")
+    geojson.add_argument("--threshold", type=float, help="tile score for tumour regions (default: the run's, 0.5)")
+    geojson.add_argument("--gzip", action="store_true", help="gzip the output")
+    geojson.set_defaults(func=_cmd_geojson)
+
+    heatmap = sub.add_parser("heatmap", help="PNG overlay of a tile value on the slide thumbnail, with a colour bar")
+    heatmap.add_argument("store", help="SLIDE_ID.zarr written by the pipeline")
+    heatmap.add_argument("-o", "--output", required=True, help=".png to write")
+    heatmap.add_argument("--value", default="tile_scores", choices=["tile_scores", "attention", "tissue_fraction"])
+    heatmap.add_argument("--alpha", type=float, default=0.5, help="heatmap opacity")
+    heatmap.set_defaults(func=_cmd_heatmap)
     return parser
 
 

@@ -1,19 +1,29 @@
 """The per-slide Zarr v3 store: written under a temporary name, renamed when complete.
 
-Layout (this module writes the parts that exist so far; see the README)::
+Layout (schema version 2; version 1 stores, features only, are still read)::
 
-    SLIDE_ID.zarr/                 group; attrs: schema_version, engine_version, complete, ...
-      tiles/coords                 (N, 2) int64 level-0 x, y
+    SLIDE_ID.zarr/                 group; attrs: schema_version, engine_version, complete, created,
+                                   slide (path, name, dimensions, mpp, mpp_source, backend, vendor,
+                                   fingerprint), grid, config (tissue, tiling, stream), encoder
+                                   (spec, file, sha256, providers), mil (name, model, path, sha256,
+                                   threshold), prediction (probability, label, label_name,
+                                   threshold, n_tiles), timings (seconds per stage)
+      tiles/coords                 (N, 2) int64 level-0 x, y of each tile's top-left corner
       tiles/tissue_fraction        (N,) float32
       tiles/grid_index             (N, 2) int64 row, col in the tile lattice
       features                     (N, D) float32, rows in grid order
+      attention                    (N,) float32, sums to 1            (with a MIL head)
+      tile_scores                  (N,) float32 in [0, 1]             (with a MIL head)
+      tissue_mask                  (H, W) uint8 0/1 at attrs mask_mpp; attrs level0_per_mask_px
+      thumbnail                    (h, w, 3) uint8 RGB at attrs mpp; attrs level0_per_px
+      heatmaps/<name>/<level>      multiscale rasters (wsiengine.heatmap; OME-NGFF multiscales)
 
 Features arrive batch by batch in any order; they are buffered per Zarr chunk and each chunk
 is written once, when all its rows are in, so memory holds at most the chunks being filled,
 never the slide's features. The store is built at ``SLIDE_ID.zarr.partial`` and renamed to
 ``SLIDE_ID.zarr`` by :meth:`FeatureWriter.commit` only when every row is written: a store
 under the final name is complete, and a crash leaves only a ``.partial`` that the next run
-replaces.
+replaces. :func:`open_result` reads a committed store back as a :class:`ResultStore`.
 """
 
 from __future__ import annotations
@@ -30,12 +40,41 @@ import numpy as np
 from .errors import StoreError
 from .tiling import TileGrid
 
-__all__ = ["SCHEMA_VERSION", "FeatureWriter", "read_features", "open_store"]
+__all__ = ["SCHEMA_VERSION", "FeatureWriter", "ResultStore", "read_features", "open_store", "open_result",
+           "slide_fingerprint"]
 
 logger = logging.getLogger("wsiengine")
 
 #: version of the on-disk layout; readers refuse newer ones
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
+#: bytes hashed at each end of a slide file by :func:`slide_fingerprint`
+_FINGERPRINT_BYTES = 4 << 20
+
+
+def slide_fingerprint(path: str | os.PathLike[str]) -> str:
+    """A content fingerprint of a slide file: SHA-256 over its size and its first and last
+    4 MiB (headers, tile offsets and the last tiles), fast on multi-gigabyte files. A folder
+    (MIRAX data, DICOM series) is fingerprinted by its files' names and sizes plus the same
+    sample of its largest file."""
+    import hashlib
+
+    p = Path(path)
+    digest = hashlib.sha256()
+    if p.is_dir():
+        files = sorted(f for f in p.rglob("*") if f.is_file())
+        for f in files:
+            digest.update(f"{f.relative_to(p)}:{f.stat().st_size};".encode())
+        if not files:
+            return "sha256s:" + digest.hexdigest()
+        p = max(files, key=lambda f: f.stat().st_size)
+    size = p.stat().st_size
+    digest.update(str(size).encode())
+    with open(p, "rb") as fh:
+        digest.update(fh.read(_FINGERPRINT_BYTES))
+        if size > _FINGERPRINT_BYTES:
+            fh.seek(max(_FINGERPRINT_BYTES, size - _FINGERPRINT_BYTES))
+            digest.update(fh.read())
+    return "sha256s:" + digest.hexdigest()
 
 
 def _engine_version() -> str:
@@ -89,6 +128,7 @@ class FeatureWriter:
                     "read_level": grid.read_level, "read_size": list(grid.read_size),
                     "tile_size_level0": list(grid.tile_size_level0), "grid_shape": list(grid.grid_shape),
                     "slide_dimensions": list(grid.slide_dimensions), "slide_mpp": list(grid.slide_mpp),
+                    "stride_level_px": list(grid.stride_level_px),
                 },
                 **(attrs or {}),
             })
@@ -133,6 +173,19 @@ class FeatureWriter:
             raise StoreError(f"writing features to '{self.partial}' failed: {exc}. Check free disk space.") from exc
         self.rows_written += stop - start
 
+    def add_array(self, name: str, data: np.ndarray, *, chunks: tuple[int, ...] | None = None,
+                  attrs: dict[str, Any] | None = None) -> None:
+        """Write a whole array (``attention``, ``tile_scores``, ``tissue_mask``, ...) into the partial store."""
+        data = np.asarray(data)
+        if chunks is None:
+            chunks = tuple(max(1, min(s, 4096 if data.ndim > 1 else 65536)) for s in data.shape) or None
+        try:
+            array = self.group.create_array(name, data=data, chunks=chunks, overwrite=True)
+        except OSError as exc:
+            raise StoreError(f"writing {name!r} to '{self.partial}' failed: {exc}. Check free disk space.") from exc
+        if attrs:
+            array.attrs.update(attrs)
+
     def commit(self, **attrs: Any) -> Path:
         """Check every row is written, mark the store complete and move it to its final name."""
         if self.rows_written != self.n or self._pending:
@@ -169,13 +222,103 @@ def open_store(path: str | os.PathLike[str]):
     p = Path(path)
     if not p.exists():
         raise StoreError(f"result store '{p}' does not exist")
-    group = zarr.open_group(str(p), mode="r")
+    try:
+        group = zarr.open_group(str(p), mode="r")
+    except Exception as exc:  # noqa: BLE001 - zarr raises several types for a folder that is not a group
+        raise StoreError(f"'{p}' is not a wsiengine result store (not a Zarr group: {type(exc).__name__}: {exc})") from exc
     version = int(group.attrs.get("schema_version", -1))
     if version > SCHEMA_VERSION:
         raise StoreError(f"'{p.name}' has schema version {version}; this wsiengine reads up to {SCHEMA_VERSION}. Upgrade wsiengine.")
     if not group.attrs.get("complete", False):
         raise StoreError(f"'{p.name}' is incomplete (its run did not finish); rerun the slide")
     return group
+
+
+class ResultStore:
+    """A committed per-slide store, read-only (:func:`open_result`).
+
+    Arrays are read on access (``features`` loads all N x D values). Missing optional parts
+    (``attention`` without a MIL head, ``heatmaps`` of version-1 stores) are None or empty.
+    """
+
+    def __init__(self, path: Path, group: Any) -> None:
+        self.path = path
+        self.group = group
+        self.attrs: dict[str, Any] = dict(group.attrs)
+
+    def __repr__(self) -> str:
+        pred = self.prediction
+        label = f", {pred.get('label_name')} p={pred.get('probability'):.3f}" if pred else ""
+        return f"<ResultStore '{self.path.name}' v{self.schema_version}, {self.n_tiles} tiles{label}>"
+
+    def _array(self, name: str) -> np.ndarray | None:
+        try:
+            return np.asarray(self.group[name][:])
+        except KeyError:
+            return None
+
+    schema_version = property(lambda self: int(self.attrs.get("schema_version", 1)))
+    n_tiles = property(lambda self: int(self.attrs.get("n_tiles", self.group["tiles/coords"].shape[0])))
+    coords = property(lambda self: np.asarray(self.group["tiles/coords"][:]), doc="(N, 2) int64 level-0 x, y")
+    tissue_fraction = property(lambda self: np.asarray(self.group["tiles/tissue_fraction"][:]))
+    grid_index = property(lambda self: np.asarray(self.group["tiles/grid_index"][:]))
+    features = property(lambda self: np.asarray(self.group["features"][:]), doc="(N, D) float32")
+    attention = property(lambda self: self._array("attention"), doc="(N,) float32 or None")
+    tile_scores = property(lambda self: self._array("tile_scores"), doc="(N,) float32 or None")
+    tissue_mask = property(lambda self: self._array("tissue_mask"), doc="(H, W) uint8 or None")
+    thumbnail = property(lambda self: self._array("thumbnail"), doc="(h, w, 3) uint8 or None")
+    slide = property(lambda self: dict(self.attrs.get("slide") or {}))
+    grid = property(lambda self: dict(self.attrs.get("grid") or {}))
+    config = property(lambda self: dict(self.attrs.get("config") or {}))
+    encoder = property(lambda self: dict(self.attrs.get("encoder") or {}))
+    mil = property(lambda self: dict(self.attrs.get("mil") or {}) or None)
+    prediction = property(lambda self: dict(self.attrs.get("prediction") or {}) or None)
+    timings = property(lambda self: dict(self.attrs.get("timings") or {}))
+
+    def array_attrs(self, name: str) -> dict[str, Any]:
+        """Attributes of one array (e.g. ``tissue_mask``'s ``mask_mpp``)."""
+        return dict(self.group[name].attrs)
+
+    def tile_grid(self) -> TileGrid:
+        """The :class:`~wsiengine.tiling.TileGrid` the store was written from (coordinates and lattice)."""
+        g = self.grid
+        if not g:
+            raise StoreError(f"'{self.path.name}' records no grid")
+        return TileGrid(coords=self.coords, tissue_fraction=self.tissue_fraction, grid_index=self.grid_index,
+                        grid_shape=tuple(g["grid_shape"]), target_mpp=float(g["target_mpp"]), tile_px=int(g["tile_px"]),
+                        overlap_px=int(g.get("overlap_px", 0)), read_level=int(g["read_level"]),
+                        read_size=tuple(g["read_size"]), stride_level_px=tuple(g.get("stride_level_px") or
+                                                                              _stride(g)),
+                        tile_size_level0=tuple(g["tile_size_level0"]), slide_dimensions=tuple(g["slide_dimensions"]),
+                        slide_mpp=tuple(g["slide_mpp"]))
+
+    def tissue_polygons(self):
+        """Tissue outlines (shapely MultiPolygon, level-0 px) from the stored mask; None without one."""
+        from .tissue import mask_to_polygons
+
+        raster = self.tissue_mask
+        if raster is None:
+            return None
+        scale = self.array_attrs("tissue_mask").get("level0_per_mask_px", [1.0, 1.0])
+        return mask_to_polygons(raster.astype(bool), (float(scale[0]), float(scale[1])))
+
+    def heatmap_names(self) -> list[str]:
+        """Names under ``heatmaps/``."""
+        from .heatmap import list_heatmaps
+
+        return list_heatmaps(self.group)
+
+
+def _stride(grid: dict[str, Any]) -> tuple[int, int]:
+    """Stride in read-level pixels for stores written before it was recorded (no overlap assumed)."""
+    tile, overlap = int(grid["tile_px"]), int(grid.get("overlap_px", 0))
+    return tuple(int(round(r * (tile - overlap) / tile)) for r in grid["read_size"])
+
+
+def open_result(path: str | os.PathLike[str]) -> ResultStore:
+    """Open a committed per-slide store for reading; refuses incomplete stores and newer schemas."""
+    p = Path(path)
+    return ResultStore(p, open_store(p))
 
 
 def read_features(path: str | os.PathLike[str]) -> tuple[np.ndarray, np.ndarray]:
