@@ -15,6 +15,7 @@ from __future__ import annotations
 from importlib.metadata import PackageNotFoundError, version
 
 from . import errors
+from .batch import run_batch
 from .config import StreamConfig, TilingConfig, TissueConfig, set_defaults
 from .aggregate import MILHead, SlidePrediction
 from .encode import Encoder
@@ -54,6 +55,7 @@ __all__ = [
     "embed_slide",
     "Pipeline",
     "SlideResult",
+    "run_batch",
     "FewShotClassifier",
     "read_geojson",
     "annotations_to_geometry",

@@ -259,6 +259,78 @@ def _cmd_heatmap(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_run(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from .batch import LOG_NAME, PipelineSpec, run_batch
+
+    out = Path(args.output)
+    out.mkdir(parents=True, exist_ok=True)
+    handler = logging.FileHandler(out / LOG_NAME, encoding="utf-8")
+    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    handler.setLevel(logging.INFO)
+    logging.getLogger("wsiengine").addHandler(handler)
+    try:
+        mil = None if args.mil in ("none", "") else args.mil
+        spec = PipelineSpec(encoder=args.encoder, weights=args.weights, mil=mil, providers=args.providers,
+                            allow_fallback=args.allow_fallback, target_mpp=args.target_mpp, tile_px=args.tile_px,
+                            min_tissue=args.min_tissue)
+        progress = sys.stderr.isatty() and not args.quiet
+        summary = run_batch(args.slides, out, spec=spec, mpp_csv=args.mpp_csv, workers=args.workers,
+                            scheduler=args.scheduler, retry_failed=args.retry_failed, progress=progress)
+    finally:
+        logging.getLogger("wsiengine").removeHandler(handler)
+        handler.close()
+    if not args.quiet:
+        width = max(len(r.slide_id) for r in summary.rows)
+        for r in summary.rows:
+            detail = r.error if r.status == "failed" else (
+                f"{r.label} p={r.probability:.3f}" if r.probability is not None else r.label)
+            print(f"{r.slide_id:<{width}}  {r.status:<7}  {r.n_tiles if r.n_tiles is not None else '':>6}  {detail}")
+    c = summary.counts
+    print(f"{len(summary.rows)} slides: {c['done']} done, {c['skipped']} up to date, {c['failed']} failed "
+          f"in {summary.seconds:.1f} s ({summary.workers} worker{'s' if summary.workers > 1 else ''}) -> {summary.path}")
+    return 1 if c["failed"] else 0
+
+
+def _cmd_doctor(args: argparse.Namespace) -> int:
+    from .batch import discover_slides
+    from .errors import WsiEngineError as _Err
+    from .resolution import lookup_mpp, read_mpp_csv
+    from .slide import open_slide
+    from .tiling import plan_tiles
+    from .tissue import detect_tissue
+
+    table = read_mpp_csv(args.mpp_csv) if args.mpp_csv else {}
+    entries = discover_slides(args.slides)
+    rows, bad = [], 0
+    for e in entries:
+        row = {"slide_id": e.slide_id, "path": str(e.path)}
+        try:
+            slide = open_slide(e.path, mpp=lookup_mpp(table, e.path) if table else None)
+            with slide:
+                row.update(backend=slide.backend_name, format=slide.format, dimensions=list(slide.dimensions),
+                           levels=slide.level_count, mpp=[round(m, 4) for m in slide.mpp], mpp_source=slide.mpp_source)
+                grid = plan_tiles(slide, detect_tissue(slide), target_mpp=args.target_mpp, tile_px=args.tile_px)
+                row.update(estimated_tiles=len(grid), status="ok")
+        except _Err as exc:
+            bad += 1
+            row.update(status="error", error=f"{type(exc).__name__}: {exc}")
+        rows.append(row)
+    if args.json:
+        print(json.dumps(rows, indent=2))
+    else:
+        for r in rows:
+            if r["status"] == "ok":
+                print(f"ok     {r['slide_id']}: {r['format']} via {r['backend']}, {r['dimensions'][0]}x{r['dimensions'][1]} px, "
+                      f"{r['levels']} levels, {r['mpp'][0]:g} µm/px ({r['mpp_source']}), ~{r['estimated_tiles']} tiles "
+                      f"of {args.tile_px} px at {args.target_mpp} µm/px")
+            else:
+                print(f"error  {r['slide_id']}: {r['error']}")
+        print(f"{len(rows)} slides, {len(rows) - bad} ready, {bad} with problems")
+    return 1 if bad else 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="wsiengine", description="Gigapixel whole-slide image inference.")
     parser.add_argument("--version", action="version", version=f"wsiengine {__version__}")
@@ -352,6 +424,32 @@ def build_parser() -> argparse.ArgumentParser:
     heatmap.add_argument("--value", default="tile_scores", choices=["tile_scores", "attention", "tissue_fraction"])
     heatmap.add_argument("--alpha", type=float, default=0.5, help="heatmap opacity")
     heatmap.set_defaults(func=_cmd_heatmap)
+
+    run = sub.add_parser("run", help="every slide of a folder: tissue, tiles, embeddings, MIL, heatmaps, GeoJSON; resumable")
+    run.add_argument("slides", help="folder of slides (searched recursively) or one slide")
+    run.add_argument("-o", "--output", required=True, help="results folder (summary.csv, SLIDE_ID.zarr/.geojson/.png)")
+    run.add_argument("--encoder", default="default", help="'default', a registry name (with --weights), or an .onnx path")
+    run.add_argument("--weights", help="the exported .onnx for a registry encoder")
+    run.add_argument("--mil", default="default", help="'default', a head folder from train-mil, or 'none'")
+    run.add_argument("--providers", default="auto", help="auto, tensorrt, cuda or cpu")
+    run.add_argument("--allow-fallback", action="store_true", help="fall back to CPU when a GPU provider is missing")
+    run.add_argument("--target-mpp", type=float, help="tile resolution, µm/px (default: the MIL head's, else the encoder's)")
+    run.add_argument("--tile-px", type=int, help="tile side, pixels (default: the MIL head's, else the encoder's)")
+    run.add_argument("--min-tissue", type=float)
+    run.add_argument("--mpp-csv", help="CSV slide,mpp for slides without resolution metadata")
+    where = run.add_mutually_exclusive_group()
+    where.add_argument("--scheduler", help="address of a running dask.distributed scheduler (tcp://host:8786)")
+    where.add_argument("--workers", type=int, help="local worker processes (default: sized to the machine)")
+    run.add_argument("--retry-failed", action="store_true", help="rerun slides that failed before")
+    run.set_defaults(func=_cmd_run)
+
+    doctor = sub.add_parser("doctor", help="preflight a folder: which slides open, backend, mpp and source, estimated tiles")
+    doctor.add_argument("slides", help="folder of slides or one slide")
+    doctor.add_argument("--mpp-csv", help="CSV slide,mpp for slides without resolution metadata")
+    doctor.add_argument("--target-mpp", type=float, default=0.5)
+    doctor.add_argument("--tile-px", type=int, default=224)
+    doctor.add_argument("--json", action="store_true")
+    doctor.set_defaults(func=_cmd_doctor)
     return parser
 
 

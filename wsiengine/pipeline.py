@@ -139,6 +139,9 @@ class Pipeline:
         Write ``SLIDE_ID.geojson`` (tissue, predicted tumour regions) and ``SLIDE_ID.heatmap.png``.
     tumour_threshold : float
         Tile score at or above which tiles form the GeoJSON's tumour regions.
+    threads : int, optional
+        ONNX Runtime intra-op threads for the encoder (default: physical cores); a batch running
+        several slides at once gives each a share.
     """
 
     def __init__(self, encoder: str | os.PathLike[str] | Encoder = "default",
@@ -146,9 +149,10 @@ class Pipeline:
                  weights: str | os.PathLike[str] | None = None, providers: str | Sequence[str] | None = "auto",
                  allow_fallback: bool = False, tissue: TissueConfig | None = None, tiling: TilingConfig | None = None,
                  stream: StreamConfig | None = None, heatmaps: Sequence[str] = ("attention", "tile_scores"),
-                 geojson: bool = True, overlay: bool = True, tumour_threshold: float = 0.5) -> None:
+                 geojson: bool = True, overlay: bool = True, tumour_threshold: float = 0.5,
+                 threads: int | None = None) -> None:
         self.encoder = encoder if isinstance(encoder, Encoder) else Encoder.load(
-            encoder, weights=weights, providers=providers, allow_fallback=allow_fallback)
+            encoder, weights=weights, providers=providers, allow_fallback=allow_fallback, threads=threads)
         self.mil = mil if (mil is None or isinstance(mil, MILHead)) else MILHead.load(mil)
         if self.mil is not None and self.mil.in_dim != self.encoder.embed_dim:
             raise ConfigError(f"the MIL head {self.mil.name!r} takes D={self.mil.in_dim} features but encoder "
@@ -174,6 +178,22 @@ class Pipeline:
         """The configuration recorded in every store (JSON-ready)."""
         return {"tissue": self.tissue.to_dict(), "tiling": self.tiling.to_dict(), "stream": self.stream.to_dict(),
                 "heatmaps": list(self.heatmaps), "tumour_threshold": self.tumour_threshold}
+
+    def config_key(self) -> str:
+        """A hash of everything that changes results: the configs, the encoder and MIL files. A
+        store written with another key is stale (``wsiengine run`` redoes it)."""
+        import hashlib
+        import json
+
+        stream = self.stream.to_dict()
+        for name in ("batch_size", "num_workers", "max_in_flight", "ordered"):  # affect speed, not results
+            stream.pop(name, None)
+        payload = {**self.describe(), "stream": stream, "encoder": self.encoder.describe()["sha256"],
+                   "encoder_spec": self.encoder.spec.to_dict(),
+                   "mil": self.mil.config.get("sha256") if self.mil is not None else None,
+                   "mil_threshold": self.mil.threshold if self.mil is not None else None,
+                   "geojson": self.geojson, "overlay": self.overlay}
+        return hashlib.sha256(json.dumps(payload, sort_keys=True, default=str).encode()).hexdigest()[:32]
 
     def _mil_provenance(self) -> dict[str, Any] | None:
         if self.mil is None:
@@ -218,6 +238,7 @@ class Pipeline:
                 "config": self.describe(),
                 "encoder": self.encoder.describe(),
                 "mil": self._mil_provenance(),
+                "config_key": self.config_key(),
             }
             store_path = out_dir / f"{sid}.zarr"
             prediction = None
