@@ -112,6 +112,14 @@ def test_distributed_run_matches_the_local_run(slide_folder, cluster, tmp_path):
     np.testing.assert_array_equal(a.coords, b.coords)
     np.testing.assert_allclose(a.features, b.features, atol=1e-5)
     np.testing.assert_allclose(a.tile_scores, b.tile_scores, atol=1e-5)
+    # one slide split across both workers in chunks of 16 tiles gives the same result
+    chunked = run_batch(slide_folder / "a", tmp_path / "chunks", scheduler=c.scheduler_address, parallel="chunks",
+                        chunk_tiles=16)
+    assert chunked.rows[0].status == "done"
+    d = we.open_result(tmp_path / "chunks" / "cmu-1-small-region.zarr")
+    assert d.n_tiles > 32  # several chunks
+    np.testing.assert_allclose(d.features, a.features, atol=1e-5)
+    assert chunked.rows[0].probability == pytest.approx(local.rows[0].probability, abs=1e-6)
 
 
 def test_config_change_reprocesses_only_affected_slides(slide_folder, mpp_csv, tmp_path):

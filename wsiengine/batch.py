@@ -35,6 +35,8 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 from .atomic import atomic_write
 from .config import StreamConfig, TilingConfig, TissueConfig, physical_cores
 from .errors import ConfigError, WsiEngineError
@@ -256,10 +258,15 @@ def process_slide(entry: SlideEntry, out_dir: str, spec: PipelineSpec,
                   mpp: tuple[float, float] | None = None, progress: bool = False) -> SummaryRow:
     """Run one slide (in whichever process the scheduler chose); never raises for slide errors.
     ``progress`` shows a tile progress bar (local runs on a terminal)."""
+    return _run_here(entry, Path(out_dir), spec, mpp, None, progress)
+
+
+def _run_here(entry: SlideEntry, out_dir: Path, spec: PipelineSpec, mpp: tuple[float, float] | None,
+              embed: Any, progress: bool) -> SummaryRow:
     started = time.perf_counter()
     try:
         pipe = _pipeline(spec)
-        res = pipe.run(entry.path, out=out_dir, slide_id=entry.slide_id, mpp=mpp, progress=progress)
+        res = pipe.run(entry.path, out=out_dir, slide_id=entry.slide_id, mpp=mpp, progress=progress, embed=embed)
         label = pipe.mil.class_names[res.label] if res.prediction is not None else ("no tissue"
                                                                                    if res.status == "no_tissue" else "")
         return SummaryRow(entry.slide_id, str(entry.path), "done", label=label, probability=res.probability,
@@ -269,6 +276,63 @@ def process_slide(entry: SlideEntry, out_dir: str, spec: PipelineSpec,
                                              exc_info=not isinstance(exc, WsiEngineError))
         return SummaryRow(entry.slide_id, str(entry.path), "failed", seconds=time.perf_counter() - started,
                           error=_error_text(exc))
+
+
+_SLIDES: dict[tuple[str, Any], Any] = {}
+
+
+def embed_tile_chunk(spec: PipelineSpec, path: str, mpp: tuple[float, float] | None, grid: Any) -> np.ndarray:
+    """Worker task of the ``chunks`` mode: embed every tile of ``grid`` (a chunk of one slide's
+    grid) with the worker's cached pipeline; returns ``(len(grid), D)`` float32 in grid order."""
+    from .slide import open_slide
+
+    pipe = _pipeline(spec)
+    slide = _SLIDES.get((path, mpp))
+    if slide is None:
+        if len(_SLIDES) > 4:
+            _SLIDES.pop(next(iter(_SLIDES))).close()
+        slide = _SLIDES[(path, mpp)] = open_slide(path, mpp=mpp)
+    out = np.empty((len(grid), pipe.encoder.embed_dim), dtype=np.float32)
+    for index, features in pipe.encoder.stream(slide, grid, pipe.stream.batch_size, config=pipe.stream):
+        out[index] = features
+    return out
+
+
+def chunked_embedder(client: Any, spec: PipelineSpec, path: Path, mpp: tuple[float, float] | None, *,
+                     chunk_tiles: int = 1024, in_flight: int | None = None):
+    """An ``embed(slide, grid)`` for :meth:`Pipeline.run` that spreads the grid over the cluster in
+    chunks of ``chunk_tiles`` tiles, at most ``in_flight`` chunks outstanding (default: 2 per
+    worker), so memory stays bounded by ``in_flight x chunk_tiles x D`` floats."""
+    from dask.distributed import as_completed
+
+    def embed(slide: Any, grid: Any):
+        n_workers = max(1, len(client.scheduler_info().get("workers", {})))
+        limit = in_flight or 2 * n_workers
+        starts = list(range(0, len(grid), chunk_tiles))
+        pending = iter(starts)
+        futures = as_completed()
+        offsets = {}
+
+        def submit() -> bool:
+            start = next(pending, None)
+            if start is None:
+                return False
+            sub = grid.subset(np.arange(start, min(start + chunk_tiles, len(grid))))
+            future = client.submit(embed_tile_chunk, spec, str(path), mpp, sub, pure=False)
+            offsets[future.key] = start
+            futures.add(future)
+            return True
+
+        for _ in range(limit):
+            if not submit():
+                break
+        for future in futures:
+            start = offsets.pop(future.key)
+            features = future.result()
+            yield np.arange(start, start + len(features)), features
+            submit()
+
+    return embed
 
 
 def _complete_result(store: Path, key: str, path: Path, mpp: tuple[float, float] | None = None) -> SummaryRow | None:
@@ -318,8 +382,8 @@ def _local_workers(n_slides: int, workers: int | None) -> int:
 def run_batch(slides_dir: str | os.PathLike[str], out_dir: str | os.PathLike[str], *,
               spec: PipelineSpec | None = None, mpp_csv: str | os.PathLike[str] | None = None,
               workers: int | None = None, scheduler: str | None = None, client: Any | None = None,
-              retry_failed: bool = False, progress: bool = False,
-              on_row: Callable[[SummaryRow], None] | None = None) -> BatchSummary:
+              retry_failed: bool = False, progress: bool = False, parallel: str = "auto",
+              chunk_tiles: int = 1024, on_row: Callable[[SummaryRow], None] | None = None) -> BatchSummary:
     """Process every slide under ``slides_dir`` into ``out_dir``; see the module docstring.
 
     Parameters
@@ -343,7 +407,14 @@ def run_batch(slides_dir: str | os.PathLike[str], out_dir: str | os.PathLike[str
         Rerun slides that failed in an earlier run.
     progress : bool
         A progress bar over slides.
+    parallel : {"auto", "slides", "chunks"}
+        With several workers: one slide per worker task (``slides``), or one slide at a time
+        with its tiles spread over the workers in chunks of ``chunk_tiles`` (``chunks``: tissue,
+        MIL and outputs run here). ``auto`` takes ``chunks`` when fewer slides remain than
+        workers, so a few large slides still use every worker.
     """
+    if parallel not in ("auto", "slides", "chunks"):
+        raise ConfigError(f"parallel must be 'auto', 'slides' or 'chunks', got {parallel!r}")
     from tqdm.auto import tqdm
 
     from .resolution import lookup_mpp, read_mpp_csv
@@ -407,7 +478,8 @@ def run_batch(slides_dir: str | os.PathLike[str], out_dir: str | os.PathLike[str
         if not todo:
             pass
         elif distributed or n_workers > 1:
-            _run_dask(todo, out, spec, mpps, record, client=client, scheduler=scheduler, workers=n_workers)
+            _run_dask(todo, out, spec, mpps, record, client=client, scheduler=scheduler, workers=n_workers,
+                      parallel=parallel, chunk_tiles=chunk_tiles, progress=progress)
         else:
             for e in todo:
                 record(process_slide(e, str(out), spec, mpps[e.slide_id], progress))
@@ -420,7 +492,7 @@ def run_batch(slides_dir: str | os.PathLike[str], out_dir: str | os.PathLike[str
 
 def _run_dask(todo: Sequence[SlideEntry], out: Path, spec: PipelineSpec, mpps: dict[str, Any],
               record: Callable[[SummaryRow], None], *, client: Any | None, scheduler: str | None,
-              workers: int) -> None:
+              workers: int, parallel: str = "auto", chunk_tiles: int = 1024, progress: bool = False) -> None:
     try:
         from dask.distributed import Client, LocalCluster, as_completed
     except ImportError as exc:  # pragma: no cover - distributed is a dependency
@@ -434,6 +506,15 @@ def _run_dask(todo: Sequence[SlideEntry], out: Path, spec: PipelineSpec, mpps: d
                 own_cluster = LocalCluster(n_workers=workers, threads_per_worker=1, processes=True,
                                            dashboard_address=None)
                 client = own_client = Client(own_cluster)
+        client.wait_for_workers(1, timeout=120)
+        n_workers = max(1, len(client.scheduler_info().get("workers", {})))
+        if parallel == "chunks" or (parallel == "auto" and len(todo) < n_workers):
+            logger.info("%d slide(s) on %d workers: splitting each slide's tiles across the workers",
+                        len(todo), n_workers)
+            for e in todo:
+                embed = chunked_embedder(client, spec, e.path, mpps[e.slide_id], chunk_tiles=chunk_tiles)
+                record(_run_here(e, out, spec, mpps[e.slide_id], embed, progress))
+            return
         futures = [client.submit(process_slide, e, str(out), spec, mpps[e.slide_id], pure=False,
                                  key=f"wsiengine-{e.slide_id}-{time.time_ns()}") for e in todo]
         by_key = {f.key: e for f, e in zip(futures, todo)}

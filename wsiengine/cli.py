@@ -277,7 +277,8 @@ def _cmd_run(args: argparse.Namespace) -> int:
                             min_tissue=args.min_tissue)
         progress = sys.stderr.isatty() and not args.quiet
         summary = run_batch(args.slides, out, spec=spec, mpp_csv=args.mpp_csv, workers=args.workers,
-                            scheduler=args.scheduler, retry_failed=args.retry_failed, progress=progress)
+                            scheduler=args.scheduler, retry_failed=args.retry_failed, progress=progress,
+                            parallel=args.parallel)
     finally:
         logging.getLogger("wsiengine").removeHandler(handler)
         handler.close()
@@ -441,6 +442,9 @@ def build_parser() -> argparse.ArgumentParser:
     where.add_argument("--scheduler", help="address of a running dask.distributed scheduler (tcp://host:8786)")
     where.add_argument("--workers", type=int, help="local worker processes (default: sized to the machine)")
     run.add_argument("--retry-failed", action="store_true", help="rerun slides that failed before")
+    run.add_argument("--parallel", default="auto", choices=["auto", "slides", "chunks"],
+                     help="one slide per worker, or each slide's tiles split across workers (auto: chunks when "
+                          "fewer slides than workers)")
     run.set_defaults(func=_cmd_run)
 
     doctor = sub.add_parser("doctor", help="preflight a folder: which slides open, backend, mpp and source, estimated tiles")

@@ -5,7 +5,7 @@ from __future__ import annotations
 import logging
 import os
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -97,6 +97,10 @@ class SlideResult:
     @property
     def probability(self) -> float | None:
         return None if self.prediction is None else self.prediction.probability
+
+
+#: ``embed(slide, grid) -> iterator of (index (B,) int64, features (B, D) float32)``.
+EmbedFunction = Callable[[Slide, TileGrid], Iterator[tuple[np.ndarray, np.ndarray]]]
 
 
 def slide_id_for(path: str | os.PathLike[str]) -> str:
@@ -204,10 +208,14 @@ class Pipeline:
 
     def run(self, slide: str | os.PathLike[str] | Slide, out: str | os.PathLike[str], *,
             slide_id: str | None = None, mpp: tuple[float, float] | float | None = None,
-            progress: bool = False) -> SlideResult:
+            progress: bool = False, embed: EmbedFunction | None = None) -> SlideResult:
         """Process one slide into ``out/`` (created). Outputs are written under temporary names;
         the GeoJSON and overlay are renamed into place first and the store last, so a complete
         ``SLIDE_ID.zarr`` marks a finished slide and an interrupted run leaves none.
+
+        ``embed(slide, grid)`` replaces the local encoder loop: an iterator of ``(index,
+        features)`` pairs covering every grid row once (``wsiengine.batch`` passes one that
+        spreads tile chunks over a Dask cluster).
 
         Raises the stage's error (:class:`~wsiengine.errors.SlideOpenError`,
         :class:`~wsiengine.errors.MissingMppError`, ...) with nothing published.
@@ -248,8 +256,9 @@ class Pipeline:
 
                 with tqdm(total=len(grid), unit="tile", desc=sid, disable=not progress, leave=False) as bar:
                     if len(grid):
-                        for index, features in self.encoder.stream(slide_obj, grid, self.stream.batch_size,
-                                                                   config=self.stream):
+                        batches = (embed(slide_obj, grid) if embed is not None else
+                                   self.encoder.stream(slide_obj, grid, self.stream.batch_size, config=self.stream))
+                        for index, features in batches:
                             writer.write(index, features)
                             bar.update(len(index))
                 t["embed"] = time.perf_counter()
