@@ -372,11 +372,14 @@ def _remove_stale_temporaries(out_dir: Path) -> None:
             shutil.rmtree(p, ignore_errors=True) if p.is_dir() else p.unlink(missing_ok=True)
 
 
-def _local_workers(n_slides: int, workers: int | None) -> int:
+def _local_workers(n_slides: int, workers: int | None, *, cap_by_slides: bool = True) -> int:
+    """Local worker processes: ``workers`` or one per two physical cores (1 below 4 cores), never
+    more than cores, and (in ``slides`` mode) never more than slides."""
     cores = physical_cores()
     if workers is None:
-        workers = min(n_slides, max(1, cores // 2)) if cores >= 4 else 1
-    return max(1, min(int(workers), cores, max(1, n_slides)))
+        workers = max(1, cores // 2) if cores >= 4 else 1
+    limit = max(1, n_slides) if cap_by_slides else cores
+    return max(1, min(int(workers), cores, limit))
 
 
 def run_batch(slides_dir: str | os.PathLike[str], out_dir: str | os.PathLike[str], *,
@@ -434,7 +437,7 @@ def run_batch(slides_dir: str | os.PathLike[str], out_dir: str | os.PathLike[str
 
     spec = spec or PipelineSpec()
     distributed = client is not None or scheduler is not None
-    n_workers = 1 if distributed else _local_workers(len(entries), workers)
+    n_workers = 1 if distributed else _local_workers(len(entries), workers, cap_by_slides=parallel == "slides")
     if spec.threads is None:
         spec = PipelineSpec(**{**asdict(spec), "threads": max(1, physical_cores() // n_workers) if not distributed
                                else None, "heatmaps": tuple(spec.heatmaps)})
@@ -506,7 +509,7 @@ def _run_dask(todo: Sequence[SlideEntry], out: Path, spec: PipelineSpec, mpps: d
                 own_cluster = LocalCluster(n_workers=workers, threads_per_worker=1, processes=True,
                                            dashboard_address=None)
                 client = own_client = Client(own_cluster)
-        client.wait_for_workers(1, timeout=120)
+        client.wait_for_workers(workers if own_cluster is not None else 1, timeout=120)
         n_workers = max(1, len(client.scheduler_info().get("workers", {})))
         if parallel == "chunks" or (parallel == "auto" and len(todo) < n_workers):
             logger.info("%d slide(s) on %d workers: splitting each slide's tiles across the workers",
