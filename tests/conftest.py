@@ -48,3 +48,13 @@ def record_read_sizes(slide) -> list[int]:
 
     slide.backend.read_region = spy
     return sizes
+
+
+def require_tissue_source() -> None:
+    """Skip unless make_pyramidal_slide's default real-tissue texture (from ../shared/data) is available."""
+    from wsiengine.testing import load_default_source
+
+    try:
+        load_default_source()
+    except FileNotFoundError as exc:
+        pytest.skip(f"generated slides need a real H&E texture: {exc}")

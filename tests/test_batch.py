@@ -19,7 +19,7 @@ import wsiengine as we
 from wsiengine.batch import PipelineSpec, discover_slides, read_summary, run_batch
 from wsiengine.cli import main
 
-from .conftest import shared_file
+from .conftest import shared_file, require_tissue_source
 
 
 @pytest.fixture(scope="module")
@@ -148,6 +148,7 @@ def test_config_change_reprocesses_only_affected_slides(slide_folder, mpp_csv, t
 def test_killed_run_resumes_to_a_complete_result(tmp_path):
     from wsiengine.testing import make_pyramidal_slide
 
+    require_tissue_source()
     slides = tmp_path / "slides"
     slides.mkdir()
     for i in range(4):

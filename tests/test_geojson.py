@@ -13,7 +13,7 @@ import pytest
 import shapely
 from shapely.geometry import MultiPolygon, Point, Polygon, box
 
-from .conftest import shared_file
+from .conftest import shared_file, require_tissue_source
 from wsiengine.geojson import (
     Annotation,
     annotations_to_geometry,
@@ -330,6 +330,7 @@ def test_roi_from_geojson_restricts_tiling(tmp_path):
     from wsiengine import open_slide, plan_tiles
     from wsiengine.testing import make_pyramidal_slide
 
+    require_tissue_source()
     made = make_pyramidal_slide(tmp_path / "s.tiff", width=2048, height=1536, mpp=0.5, levels=(1, 4), compression="zlib")
     slide = open_slide(made.path)
     roi = Polygon([(300.5, 200.0), (1400.0, 250.0), (1300.0, 1100.0), (350.0, 1000.0)])
@@ -435,6 +436,7 @@ def test_tissue_mask_exports_with_its_area(tmp_path):
     from wsiengine import detect_tissue, open_slide
     from wsiengine.testing import make_pyramidal_slide
 
+    require_tissue_source()
     made = make_pyramidal_slide(tmp_path / "s.tiff", width=2048, height=1536, mpp=0.5, levels=(1, 4), compression="zlib")
     mask = detect_tissue(open_slide(made.path))
     features = tissue_features(mask)  # mpp from the mask: mask_mpp / level0_per_mask_px

@@ -27,6 +27,8 @@ from wsiengine.heatmap import (
 from wsiengine.testing import make_pyramidal_slide
 from wsiengine.tiling import TileGrid
 
+from .conftest import require_tissue_source
+
 
 def hand_grid(index, grid_shape, *, tile: int = 8, stride: int = 8, level0_per_px: float = 1.0) -> TileGrid:
     """A TileGrid on a lattice of ``stride`` px with tiles of ``tile`` px at ``grid_index`` (row, col)."""
@@ -43,6 +45,7 @@ def hand_grid(index, grid_shape, *, tile: int = 8, stride: int = 8, level0_per_p
 @pytest.fixture(scope="module")
 def slide(tmp_path_factory):
     """A 2048x1536 pyramidal TIFF at 1 µm/px (levels 1, 4) with real H&E texture on glass."""
+    require_tissue_source()
     s = make_pyramidal_slide(tmp_path_factory.mktemp("slide") / "s.tiff", width=2048, height=1536, mpp=1.0, levels=(1, 4), seed=1)
     with open_slide(s.path) as sl:
         yield sl
