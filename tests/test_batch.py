@@ -196,3 +196,25 @@ def test_cli_run_and_doctor(slide_folder, mpp_csv, tmp_path, capsys):
     assert "1 slides: 1 done" in text and (out / "wsiengine.log").is_file()
     assert main(["run", str(slide_folder / "a"), "-o", str(out), "--workers", "1"]) == 0
     assert "1 up to date" in capsys.readouterr().out
+
+
+def test_results_to_an_fsspec_url(slide_folder, cluster, tmp_path):
+    """The same batch into a ``file://`` URL goes through fsspec (staging, upload, root metadata
+    last) on the cluster's worker processes, resumes, and opens with open_result."""
+    c, _ = cluster
+    url = (tmp_path / "remote-results").as_uri()
+    summary = run_batch(slide_folder / "a", url, scheduler=c.scheduler_address, parallel="slides")
+    assert [r.status for r in summary.rows] == ["done"] and str(summary.path).startswith("file://")
+    store = we.open_result(f"{url}/cmu-1-small-region.zarr")
+    assert store.n_tiles > 50 and store.prediction is not None and store.attention.sum() == pytest.approx(1, abs=1e-4)
+    assert (tmp_path / "remote-results" / "cmu-1-small-region.geojson").is_file()
+    assert (tmp_path / "remote-results" / "summary.csv").is_file()
+    again = run_batch(slide_folder / "a", url, scheduler=c.scheduler_address)
+    assert [r.status for r in again.rows] == ["skipped"]
+    # a store whose root metadata never arrived (an interrupted upload) is not a result
+    (tmp_path / "remote-results" / "cmu-1-small-region.zarr" / "zarr.json").unlink()
+    with pytest.raises(we.errors.StoreError, match="does not exist"):
+        we.open_result(f"{url}/cmu-1-small-region.zarr")
+    redo = run_batch(slide_folder / "a", url, workers=1)
+    assert [r.status for r in redo.rows] == ["done"]
+    assert we.open_result(f"{url}/cmu-1-small-region.zarr").n_tiles == store.n_tiles

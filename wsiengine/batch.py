@@ -142,42 +142,118 @@ class BatchSummary:
     """The rows of a batch run (in discovery order) and where they were written."""
 
     rows: list[SummaryRow]
-    out_dir: Path
+    out_dir: Path | str
     seconds: float = 0.0
     workers: int = 1
     counts: dict[str, int] = field(default_factory=dict)
 
     @property
-    def path(self) -> Path:
+    def path(self) -> Path | str:
+        """``summary.csv`` (a path, or a URL for URL targets)."""
+        if isinstance(self.out_dir, str):
+            return f"{self.out_dir}/{SUMMARY_NAME}"
         return self.out_dir / SUMMARY_NAME
 
 
-def read_summary(path: str | os.PathLike[str]) -> list[SummaryRow]:
-    """Rows of an existing ``summary.csv`` (empty when absent)."""
-    p = Path(path)
-    if p.is_dir():
-        p = p / SUMMARY_NAME
-    if not p.is_file():
+class ResultsLocation:
+    """Where results go: a local folder, or an fsspec URL (``s3://bucket/run``, ``file:///...``).
+
+    Local files are written atomically by rename. On a URL, small files are written as whole
+    objects, and a slide's outputs are made in a local staging folder and uploaded by
+    :meth:`publish`: GeoJSON and PNG first, then the store with its root ``zarr.json`` (which
+    says ``complete: true``) last, so a store that opens is a finished one.
+    """
+
+    def __init__(self, target: str | os.PathLike[str]) -> None:
+        text = os.fspath(target)
+        self.is_url = "://" in text
+        if self.is_url:
+            import fsspec
+
+            self.fs, self.root = fsspec.core.url_to_fs(text)
+            self.root = self.root.rstrip("/")
+            self.target = text.rstrip("/")
+            self.fs.makedirs(self.root, exist_ok=True)
+        else:
+            self.path = Path(text).expanduser()
+            self.path.mkdir(parents=True, exist_ok=True)
+            self.target = str(self.path)
+
+    def __str__(self) -> str:
+        return self.target
+
+    def join(self, name: str) -> str:
+        """The path or URL of ``name`` in the results."""
+        return f"{self.target}/{name}" if self.is_url else str(self.path / name)
+
+    def write_bytes(self, name: str, data: bytes) -> None:
+        if self.is_url:
+            self.fs.pipe_file(f"{self.root}/{name}", data)
+        else:
+            with atomic_write(self.path / name) as fh:
+                fh.write(data)
+
+    def read_text(self, name: str) -> str | None:
+        try:
+            if self.is_url:
+                return self.fs.cat_file(f"{self.root}/{name}").decode("utf-8")
+            return (self.path / name).read_text(encoding="utf-8")
+        except (OSError, FileNotFoundError):
+            return None
+
+    def _put(self, local: Path, remote: str) -> None:
+        parent = remote.rsplit("/", 1)[0]
+        if parent not in self._made:
+            self.fs.makedirs(parent, exist_ok=True)  # object stores: a no-op; file systems need folders
+            self._made.add(parent)
+        self.fs.put_file(str(local), remote)
+
+    def publish(self, staging: Path, slide_id: str) -> None:
+        """Upload one slide's outputs from ``staging`` (URL targets only)."""
+        self._made: set[str] = set()
+        for side in (f"{slide_id}.geojson", f"{slide_id}.heatmap.png"):
+            if (staging / side).is_file():
+                self._put(staging / side, f"{self.root}/{side}")
+        store = staging / f"{slide_id}.zarr"
+        remote = f"{self.root}/{slide_id}.zarr"
+        if self.fs.exists(remote):
+            self.fs.rm(remote, recursive=True)
+        files = sorted(p for p in store.rglob("*") if p.is_file())
+        root_meta = store / "zarr.json"
+        for f in files:
+            if f != root_meta:
+                self._put(f, f"{remote}/{f.relative_to(store).as_posix()}")
+        self._put(root_meta, f"{remote}/zarr.json")  # last: the store opens only once it is all there
+
+
+def read_summary(path: str | os.PathLike[str] | ResultsLocation) -> list[SummaryRow]:
+    """Rows of an existing ``summary.csv`` (a results folder, URL, or the file; empty when absent)."""
+    if isinstance(path, ResultsLocation):
+        text = path.read_text(SUMMARY_NAME)
+    else:
+        p = Path(path)
+        if p.is_dir():
+            p = p / SUMMARY_NAME
+        text = p.read_text(encoding="utf-8") if p.is_file() else None
+    if not text:
         return []
     rows = []
-    with open(p, newline="", encoding="utf-8") as fh:
-        for r in csv.DictReader(fh):
-            rows.append(SummaryRow(
-                slide_id=r["slide_id"], path=r["path"], status=r["status"], label=r.get("label", ""),
-                probability=float(r["probability"]) if r.get("probability") else None,
-                n_tiles=int(r["n_tiles"]) if r.get("n_tiles") else None,
-                seconds=float(r["seconds"]) if r.get("seconds") else None, error=r.get("error", "")))
+    for r in csv.DictReader(io.StringIO(text)):
+        rows.append(SummaryRow(
+            slide_id=r["slide_id"], path=r["path"], status=r["status"], label=r.get("label", ""),
+            probability=float(r["probability"]) if r.get("probability") else None,
+            n_tiles=int(r["n_tiles"]) if r.get("n_tiles") else None,
+            seconds=float(r["seconds"]) if r.get("seconds") else None, error=r.get("error", "")))
     return rows
 
 
-def _write_summary(out_dir: Path, rows: Sequence[SummaryRow]) -> None:
+def _write_summary(out: ResultsLocation, rows: Sequence[SummaryRow]) -> None:
     text = io.StringIO()
     writer = csv.DictWriter(text, fieldnames=SUMMARY_FIELDS)
     writer.writeheader()
     for row in rows:
         writer.writerow(row.as_csv())
-    with atomic_write(out_dir / SUMMARY_NAME) as fh:
-        fh.write(text.getvalue().encode("utf-8"))
+    out.write_bytes(SUMMARY_NAME, text.getvalue().encode("utf-8"))
 
 
 FAILURES_NAME = ".wsiengine-failures.json"
@@ -193,20 +269,19 @@ def _failure_inputs(entry: SlideEntry, key: str, mpp: tuple[float, float] | None
     return {"path": str(entry.path), "file": file_id, "config_key": key, "mpp": list(mpp) if mpp else None}
 
 
-def _read_failures(out_dir: Path) -> dict[str, Any]:
+def _read_failures(out: ResultsLocation) -> dict[str, Any]:
     import json
 
     try:
-        return dict(json.loads((out_dir / FAILURES_NAME).read_text()))
-    except (OSError, ValueError, TypeError):
+        return dict(json.loads(out.read_text(FAILURES_NAME) or "{}"))
+    except (ValueError, TypeError):
         return {}
 
 
-def _write_failures(out_dir: Path, failures: dict[str, Any]) -> None:
+def _write_failures(out: ResultsLocation, failures: dict[str, Any]) -> None:
     import json
 
-    with atomic_write(out_dir / FAILURES_NAME) as fh:
-        fh.write(json.dumps(failures, indent=1).encode())
+    out.write_bytes(FAILURES_NAME, json.dumps(failures, indent=1).encode())
 
 
 @dataclass(frozen=True)
@@ -258,15 +333,25 @@ def process_slide(entry: SlideEntry, out_dir: str, spec: PipelineSpec,
                   mpp: tuple[float, float] | None = None, progress: bool = False) -> SummaryRow:
     """Run one slide (in whichever process the scheduler chose); never raises for slide errors.
     ``progress`` shows a tile progress bar (local runs on a terminal)."""
-    return _run_here(entry, Path(out_dir), spec, mpp, None, progress)
+    return _run_here(entry, out_dir, spec, mpp, None, progress)
 
 
-def _run_here(entry: SlideEntry, out_dir: Path, spec: PipelineSpec, mpp: tuple[float, float] | None,
+def _run_here(entry: SlideEntry, out_dir: str, spec: PipelineSpec, mpp: tuple[float, float] | None,
               embed: Any, progress: bool) -> SummaryRow:
+    import shutil
+    import tempfile
+
     started = time.perf_counter()
+    staging = None
     try:
         pipe = _pipeline(spec)
-        res = pipe.run(entry.path, out=out_dir, slide_id=entry.slide_id, mpp=mpp, progress=progress, embed=embed)
+        out = ResultsLocation(out_dir)
+        if out.is_url:
+            staging = Path(tempfile.mkdtemp(prefix=f"wsiengine-{entry.slide_id}-"))
+        res = pipe.run(entry.path, out=staging or out.path, slide_id=entry.slide_id, mpp=mpp, progress=progress,
+                       embed=embed)
+        if staging is not None:
+            out.publish(staging, entry.slide_id)
         label = pipe.mil.class_names[res.label] if res.prediction is not None else ("no tissue"
                                                                                    if res.status == "no_tissue" else "")
         return SummaryRow(entry.slide_id, str(entry.path), "done", label=label, probability=res.probability,
@@ -276,6 +361,9 @@ def _run_here(entry: SlideEntry, out_dir: Path, spec: PipelineSpec, mpp: tuple[f
                                              exc_info=not isinstance(exc, WsiEngineError))
         return SummaryRow(entry.slide_id, str(entry.path), "failed", seconds=time.perf_counter() - started,
                           error=_error_text(exc))
+    finally:
+        if staging is not None:
+            shutil.rmtree(staging, ignore_errors=True)
 
 
 _SLIDES: dict[tuple[str, Any], Any] = {}
@@ -335,14 +423,12 @@ def chunked_embedder(client: Any, spec: PipelineSpec, path: Path, mpp: tuple[flo
     return embed
 
 
-def _complete_result(store: Path, key: str, path: Path, mpp: tuple[float, float] | None = None) -> SummaryRow | None:
+def _complete_result(store: str, key: str, path: Path, mpp: tuple[float, float] | None = None) -> SummaryRow | None:
     """The row of a finished, up-to-date result, or None when the slide must be (re)done: a
     missing or incomplete store, another configuration key, another slide file (fingerprint),
     or a user-given mpp (``--mpp-csv``) that changed for a slide whose mpp came from the user."""
     from .store import open_result, slide_fingerprint
 
-    if not store.exists():
-        return None
     try:
         result = open_result(store)
     except WsiEngineError:
@@ -359,7 +445,7 @@ def _complete_result(store: Path, key: str, path: Path, mpp: tuple[float, float]
     except OSError:
         return None
     pred = result.prediction or {}
-    return SummaryRow(store.name.removesuffix(".zarr"), str(path), "skipped", label=pred.get("label_name", ""),
+    return SummaryRow(result.path.name.removesuffix(".zarr"), str(path), "skipped", label=pred.get("label_name", ""),
                       probability=pred.get("probability"), n_tiles=result.n_tiles,
                       seconds=(result.timings or {}).get("total"))
 
@@ -423,10 +509,10 @@ def run_batch(slides_dir: str | os.PathLike[str], out_dir: str | os.PathLike[str
     from .resolution import lookup_mpp, read_mpp_csv
 
     started = time.perf_counter()
-    out = Path(out_dir).expanduser()
-    out.mkdir(parents=True, exist_ok=True)
-    _remove_stale_temporaries(out)
-    entries = discover_slides(slides_dir, exclude=[out])
+    out = ResultsLocation(out_dir)
+    if not out.is_url:
+        _remove_stale_temporaries(out.path)
+    entries = discover_slides(slides_dir, exclude=[] if out.is_url else [out.path])
     if not entries:
         raise ConfigError(f"no slides found under '{slides_dir}' (looked for {', '.join(sorted(SLIDE_EXTENSIONS))} "
                           "and files that open as slides)")
@@ -446,7 +532,7 @@ def run_batch(slides_dir: str | os.PathLike[str], out_dir: str | os.PathLike[str
     rows: dict[str, SummaryRow] = {}
     todo: list[SlideEntry] = []
     for e in entries:
-        done = _complete_result(out / f"{e.slide_id}.zarr", key, e.path, mpps[e.slide_id])
+        done = _complete_result(out.join(f"{e.slide_id}.zarr"), key, e.path, mpps[e.slide_id])
         old = previous.get(e.slide_id)
         if done is not None:
             rows[e.slide_id] = done
@@ -489,11 +575,11 @@ def run_batch(slides_dir: str | os.PathLike[str], out_dir: str | os.PathLike[str
     final = ordered()
     _write_summary(out, final)
     counts = {s: sum(r.status == s for r in final) for s in ("done", "failed", "skipped")}
-    return BatchSummary(rows=final, out_dir=out, seconds=time.perf_counter() - started, workers=n_workers,
-                        counts=counts)
+    return BatchSummary(rows=final, out_dir=Path(out.target) if not out.is_url else out.target,
+                        seconds=time.perf_counter() - started, workers=n_workers, counts=counts)
 
 
-def _run_dask(todo: Sequence[SlideEntry], out: Path, spec: PipelineSpec, mpps: dict[str, Any],
+def _run_dask(todo: Sequence[SlideEntry], out: ResultsLocation, spec: PipelineSpec, mpps: dict[str, Any],
               record: Callable[[SummaryRow], None], *, client: Any | None, scheduler: str | None,
               workers: int, parallel: str = "auto", chunk_tiles: int = 1024, progress: bool = False) -> None:
     try:
@@ -516,7 +602,7 @@ def _run_dask(todo: Sequence[SlideEntry], out: Path, spec: PipelineSpec, mpps: d
                         len(todo), n_workers)
             for e in todo:
                 embed = chunked_embedder(client, spec, e.path, mpps[e.slide_id], chunk_tiles=chunk_tiles)
-                record(_run_here(e, out, spec, mpps[e.slide_id], embed, progress))
+                record(_run_here(e, str(out), spec, mpps[e.slide_id], embed, progress))
             return
         futures = [client.submit(process_slide, e, str(out), spec, mpps[e.slide_id], pure=False,
                                  key=f"wsiengine-{e.slide_id}-{time.time_ns()}") for e in todo]

@@ -264,9 +264,13 @@ def _cmd_run(args: argparse.Namespace) -> int:
 
     from .batch import LOG_NAME, PipelineSpec, run_batch
 
-    out = Path(args.output)
-    out.mkdir(parents=True, exist_ok=True)
-    handler = logging.FileHandler(out / LOG_NAME, encoding="utf-8")
+    if "://" in args.output:  # an fsspec URL: the log stays local, in the working folder
+        log_path = Path(LOG_NAME)
+    else:
+        Path(args.output).mkdir(parents=True, exist_ok=True)
+        log_path = Path(args.output) / LOG_NAME
+    out = args.output
+    handler = logging.FileHandler(log_path, encoding="utf-8")
     handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
     handler.setLevel(logging.INFO)
     logging.getLogger("wsiengine").addHandler(handler)

@@ -219,11 +219,19 @@ def open_store(path: str | os.PathLike[str]):
     """Open a committed store read-only (a ``zarr.Group``), refusing incomplete or newer ones."""
     import zarr
 
-    p = Path(path)
-    if not p.exists():
+    text = os.fspath(path)
+    url = "://" in text
+    p = Path(text) if not url else _UrlPath(text)
+    if not url and not p.exists():
         raise StoreError(f"result store '{p}' does not exist")
+    if url:
+        import fsspec
+
+        fs, root = fsspec.core.url_to_fs(text)
+        if not fs.exists(root.rstrip("/") + "/zarr.json"):
+            raise StoreError(f"result store '{text}' does not exist (or its upload did not finish)")
     try:
-        group = zarr.open_group(str(p), mode="r")
+        group = zarr.open_group(text if url else str(p), mode="r")
     except Exception as exc:  # noqa: BLE001 - zarr raises several types for a folder that is not a group
         raise StoreError(f"'{p}' is not a wsiengine result store (not a Zarr group: {type(exc).__name__}: {exc})") from exc
     version = int(group.attrs.get("schema_version", -1))
@@ -309,6 +317,18 @@ class ResultStore:
         return list_heatmaps(self.group)
 
 
+class _UrlPath(str):
+    """A store URL with the few ``Path`` attributes messages use (``name``, ``stem``)."""
+
+    @property
+    def name(self) -> str:
+        return self.rstrip("/").rsplit("/", 1)[-1]
+
+    @property
+    def stem(self) -> str:
+        return self.name.rsplit(".", 1)[0]
+
+
 def _stride(grid: dict[str, Any]) -> tuple[int, int]:
     """Stride in read-level pixels for stores written before it was recorded (no overlap assumed)."""
     tile, overlap = int(grid["tile_px"]), int(grid.get("overlap_px", 0))
@@ -317,8 +337,8 @@ def _stride(grid: dict[str, Any]) -> tuple[int, int]:
 
 def open_result(path: str | os.PathLike[str]) -> ResultStore:
     """Open a committed per-slide store for reading; refuses incomplete stores and newer schemas."""
-    p = Path(path)
-    return ResultStore(p, open_store(p))
+    text = os.fspath(path)
+    return ResultStore(_UrlPath(text) if "://" in text else Path(text), open_store(text))
 
 
 def read_features(path: str | os.PathLike[str]) -> tuple[np.ndarray, np.ndarray]:
