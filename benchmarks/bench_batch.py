@@ -47,6 +47,8 @@ from datetime import date
 from pathlib import Path
 from typing import Any
 
+from _harness import busy_cpu_s, cpu_model, package_versions
+
 RESULT_MARK = "@@BENCH_RESULT@@ "
 PROB_TOL = 1e-5
 REPO = Path(__file__).resolve().parents[1]
@@ -153,17 +155,6 @@ PHASES = {"baseline": phase_baseline, "batch": phase_batch, "startup": phase_sta
 
 
 # -- the parent -----------------------------------------------------------------------------------
-def _busy_cpu_s() -> float | None:
-    """CPU seconds the whole machine has spent busy, from /proc/stat; None elsewhere."""
-    try:
-        with open("/proc/stat") as handle:
-            fields = [int(v) for v in handle.readline().split()[1:]]
-    except (OSError, ValueError):
-        return None
-    idle = fields[3] + (fields[4] if len(fields) > 4 else 0)
-    return (sum(fields[:8]) - idle) / os.sysconf("SC_CLK_TCK")
-
-
 def _load1() -> float | None:
     try:
         return round(os.getloadavg()[0], 2)
@@ -176,9 +167,9 @@ def run_phase(name: str, args: dict[str, Any], *, label: str = "", verbose: bool
     cores other processes kept busy meanwhile, and the 1-minute load average before and after."""
     command = [sys.executable, str(Path(__file__).resolve()), "--_phase", name, "--_args", json.dumps(args)]
     load_before = _load1()
-    busy0, own0, wall0 = _busy_cpu_s(), resource.getrusage(resource.RUSAGE_CHILDREN), time.perf_counter()
+    busy0, own0, wall0 = busy_cpu_s(), resource.getrusage(resource.RUSAGE_CHILDREN), time.perf_counter()
     proc = subprocess.run(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    busy1, own1, wall = _busy_cpu_s(), resource.getrusage(resource.RUSAGE_CHILDREN), time.perf_counter() - wall0
+    busy1, own1, wall = busy_cpu_s(), resource.getrusage(resource.RUSAGE_CHILDREN), time.perf_counter() - wall0
     own = (own1.ru_utime - own0.ru_utime) + (own1.ru_stime - own0.ru_stime)
     other = None
     if busy0 is not None and busy1 is not None and wall > 0:
@@ -195,15 +186,7 @@ def run_phase(name: str, args: dict[str, Any], *, label: str = "", verbose: bool
 
 
 def machine_info() -> dict[str, Any]:
-    model = platform.processor() or platform.machine()
-    try:
-        with open("/proc/cpuinfo") as handle:
-            for line in handle:
-                if line.startswith("model name"):
-                    model = line.split(":", 1)[1].strip()
-                    break
-    except OSError:
-        pass
+    model = cpu_model()
     from wsiengine.config import physical_cores
 
     return {"cpu_model": model, "logical_cores": os.cpu_count(), "physical_cores": physical_cores(),
@@ -211,15 +194,7 @@ def machine_info() -> dict[str, Any]:
 
 
 def versions() -> dict[str, str]:
-    from importlib.metadata import PackageNotFoundError, version
-
-    out = {}
-    for dist in ("wsiengine", "onnxruntime", "dask", "distributed", "numpy"):
-        try:
-            out[dist] = version(dist)
-        except PackageNotFoundError:
-            out[dist] = "absent"
-    return out
+    return package_versions(("wsiengine", "onnxruntime", "dask", "distributed", "numpy"))
 
 
 def preread(paths: list[str]) -> None:

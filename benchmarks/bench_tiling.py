@@ -38,6 +38,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+from _harness import busy_cpu_s, cpu_model, package_versions
+
 RESULT_MARK = "@@BENCH_RESULT@@ "
 REPO = Path(__file__).resolve().parents[1]
 if (REPO / "wsiengine" / "__init__.py").is_file() and str(REPO) not in sys.path:
@@ -299,24 +301,13 @@ PHASES = {
 
 
 # -- the parent ------------------------------------------------------------------------------------
-def _busy_cpu_s() -> float | None:
-    """CPU seconds the whole machine has spent busy (all processes), from /proc/stat; None elsewhere."""
-    try:
-        with open("/proc/stat") as handle:
-            fields = [int(v) for v in handle.readline().split()[1:]]
-    except (OSError, ValueError):
-        return None
-    idle = fields[3] + (fields[4] if len(fields) > 4 else 0)
-    return (sum(fields[:8]) - idle) / os.sysconf("SC_CLK_TCK")
-
-
 def run_phase(name: str, args: dict[str, Any], *, quiet: bool) -> dict[str, Any]:
     command = [sys.executable, str(Path(__file__).resolve()), "--_phase", name, "--_args", json.dumps(args)]
     if not quiet:
         print(f"  running phase {name} ...", file=sys.stderr, flush=True)
-    busy0, own0, wall0 = _busy_cpu_s(), resource.getrusage(resource.RUSAGE_CHILDREN), time.perf_counter()
+    busy0, own0, wall0 = busy_cpu_s(), resource.getrusage(resource.RUSAGE_CHILDREN), time.perf_counter()
     proc = subprocess.run(command, stdout=subprocess.PIPE, stderr=None if not quiet else subprocess.PIPE, text=True)
-    busy1, own1, wall = _busy_cpu_s(), resource.getrusage(resource.RUSAGE_CHILDREN), time.perf_counter() - wall0
+    busy1, own1, wall = busy_cpu_s(), resource.getrusage(resource.RUSAGE_CHILDREN), time.perf_counter() - wall0
     # Cores kept busy by *other* processes while the phase ran: a noisy-neighbour indicator.
     other = None
     if busy0 is not None and busy1 is not None and wall > 0:
@@ -332,15 +323,7 @@ def run_phase(name: str, args: dict[str, Any], *, quiet: bool) -> dict[str, Any]
 
 
 def machine_info() -> dict[str, Any]:
-    model = platform.processor() or platform.machine()
-    try:
-        with open("/proc/cpuinfo") as handle:
-            for line in handle:
-                if line.startswith("model name"):
-                    model = line.split(":", 1)[1].strip()
-                    break
-    except OSError:
-        pass
+    model = cpu_model()
     try:
         usable = len(os.sched_getaffinity(0))
     except AttributeError:
@@ -356,15 +339,8 @@ def machine_info() -> dict[str, Any]:
 
 
 def versions() -> dict[str, str]:
-    from importlib.metadata import PackageNotFoundError, version
-
-    out = {}
-    for dist in ("wsiengine", "numpy", "openslide-python", "openslide-bin", "tiffslide", "tifffile", "imagecodecs",
-                 "pillow", "dask", "numba"):
-        try:
-            out[dist] = version(dist)
-        except PackageNotFoundError:
-            out[dist] = "absent"
+    out = package_versions(("wsiengine", "numpy", "openslide-python", "openslide-bin", "tiffslide", "tifffile",
+                            "imagecodecs", "pillow", "dask", "numba"))
     try:
         import openslide
 

@@ -454,8 +454,11 @@ def _remove_stale_temporaries(out_dir: Path) -> None:
     import shutil
 
     for p in out_dir.iterdir():
-        if p.name.endswith(".partial") or (p.name.startswith(".") and (".partial" in p.name or p.name.endswith(".tmp"))):
-            shutil.rmtree(p, ignore_errors=True) if p.is_dir() else p.unlink(missing_ok=True)
+        stale = p.name.endswith(".partial") or (p.name.startswith(".") and (".partial" in p.name or p.name.endswith(".tmp")))
+        if stale and p.is_dir():
+            shutil.rmtree(p, ignore_errors=True)
+        elif stale:
+            p.unlink(missing_ok=True)
 
 
 def _local_workers(n_slides: int, workers: int | None, *, cap_by_slides: bool = True) -> int:
@@ -564,9 +567,7 @@ def run_batch(slides_dir: str | os.PathLike[str], out_dir: str | os.PathLike[str
 
     _write_summary(out, ordered())
     with tqdm(total=len(todo), unit="slide", disable=not progress, desc="slides") as bar:
-        if not todo:
-            pass
-        elif distributed or n_workers > 1:
+        if todo and (distributed or n_workers > 1):
             _run_dask(todo, out, spec, mpps, record, client=client, scheduler=scheduler, workers=n_workers,
                       parallel=parallel, chunk_tiles=chunk_tiles, progress=progress)
         else:

@@ -189,19 +189,16 @@ def _cmd_predict(args: argparse.Namespace) -> int:
     from pathlib import Path
 
     from .aggregate import MILHead
-    from .store import read_features
+    from .store import open_result
 
     head = MILHead.load(args.mil)
     rows = []
-    from .store import open_store
-
     for store in args.stores:
-        grid = open_store(store).attrs.get("grid") or {}
-        warning = head.tiling_mismatch(grid.get("target_mpp"), grid.get("tile_px"))
+        result = open_result(store)
+        warning = head.tiling_mismatch(result.grid.get("target_mpp"), result.grid.get("tile_px"))
         if warning:
             logger.warning("%s: %s", Path(store).name, warning)
-        _, features = read_features(store)
-        pred = head.predict(features)
+        pred = head.predict(result.features)
         top = int(pred.attention.argmax())
         rows.append({"slide_id": Path(store).name.removesuffix(".zarr"), "probability": round(pred.probability, 6),
                      "label": head.class_names[pred.label], "threshold": pred.threshold, "tiles": pred.n_tiles,
@@ -300,7 +297,6 @@ def _cmd_run(args: argparse.Namespace) -> int:
 
 def _cmd_doctor(args: argparse.Namespace) -> int:
     from .batch import discover_slides
-    from .errors import WsiEngineError as _Err
     from .resolution import lookup_mpp, read_mpp_csv
     from .slide import open_slide
     from .tiling import plan_tiles
@@ -318,7 +314,7 @@ def _cmd_doctor(args: argparse.Namespace) -> int:
                            levels=slide.level_count, mpp=[round(m, 4) for m in slide.mpp], mpp_source=slide.mpp_source)
                 grid = plan_tiles(slide, detect_tissue(slide), target_mpp=args.target_mpp, tile_px=args.tile_px)
                 row.update(estimated_tiles=len(grid), status="ok")
-        except _Err as exc:
+        except WsiEngineError as exc:
             bad += 1
             row.update(status="error", error=f"{type(exc).__name__}: {exc}")
         rows.append(row)
