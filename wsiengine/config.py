@@ -17,7 +17,8 @@ from typing import Any, Literal, TypeVar, get_type_hints
 
 from .errors import ConfigError
 
-__all__ = ["TissueConfig", "TilingConfig", "StreamConfig", "MILTrainConfig", "set_defaults", "ENV_PREFIX", "physical_cores"]
+__all__ = ["TissueConfig", "TilingConfig", "StreamConfig", "MILTrainConfig", "ReportConfig", "VLMConfig", "set_defaults",
+           "ENV_PREFIX", "physical_cores"]
 
 ENV_PREFIX = "WSIENGINE_"
 _OVERRIDES: dict[str, Any] = {}
@@ -73,7 +74,7 @@ class _EnvConfig:
 @contextlib.contextmanager
 def set_defaults(**values: Any) -> Iterator[None]:
     """Temporarily override defaults for configs built with ``from_env`` (any config class)."""
-    known = {f.name for cls in (TissueConfig, TilingConfig, StreamConfig, MILTrainConfig) for f in fields(cls)}
+    known = {f.name for cls in (TissueConfig, TilingConfig, StreamConfig, MILTrainConfig, ReportConfig, VLMConfig) for f in fields(cls)}
     unknown = set(values) - known
     if unknown:
         raise ConfigError(f"unknown option(s) {sorted(unknown)}; known: {sorted(known)}")
@@ -326,3 +327,114 @@ class MILTrainConfig(_EnvConfig):
             raise ConfigError(f"threshold_rule must be youden, balanced_accuracy, f1 or fixed, got {self.threshold_rule!r}")
         if self.device not in ("cpu", "cuda", "auto"):
             raise ConfigError(f"device must be 'cpu', 'cuda' or 'auto', got {self.device!r}")
+
+
+@dataclass(frozen=True)
+class ReportConfig(_EnvConfig):
+    """What a slide report computes and shows (``wsiengine report``, ``wsiengine run``).
+
+    Parameters
+    ----------
+    top_k : int
+        Evidence tiles: the ``top_k`` tiles of highest attention, saved as PNGs.
+    indeterminate_margin : float
+        Probabilities within this distance of the head's threshold are called
+        ``indeterminate`` rather than ``yes``/``no`` (0 disables the band).
+    tile_threshold : float, optional
+        Tile score at or above which tiles form tumour deposits (foci); default: the
+        ``tumour_threshold`` the store's pipeline used (0.5).
+    min_tiles : int
+        Fewer tissue tiles than this raises the ``few_tiles`` QC flag.
+    min_tissue_mm2 : float
+        Less tissue than this (mm²) raises the ``low_tissue`` QC flag.
+    ood_quantile : float
+        A tile is out of distribution when its distance to the head's training embeddings
+        exceeds this quantile of the training tiles' own distances.
+    ood_max_fraction : float
+        More out-of-distribution tiles than this fraction raises the ``ood_embeddings`` flag.
+    evidence_mpp : float, optional
+        Resolution of the evidence PNGs, µm/px; default: the tiles' own ``target_mpp``.
+    evidence_px : int
+        Smallest side of an evidence PNG, pixels (small tiles are enlarged, nearest neighbour).
+    """
+
+    top_k: int = 8
+    indeterminate_margin: float = 0.05
+    tile_threshold: float | None = None
+    min_tiles: int = 50
+    min_tissue_mm2: float = 1.0
+    ood_quantile: float = 0.99
+    ood_max_fraction: float = 0.25
+    evidence_mpp: float | None = None
+    evidence_px: int = 192
+
+    def __post_init__(self) -> None:
+        _positive("top_k", self.top_k)
+        _positive("evidence_px", self.evidence_px)
+        if not 0 <= self.indeterminate_margin < 0.5:
+            raise ConfigError(f"indeterminate_margin must be in [0, 0.5), got {self.indeterminate_margin}")
+        if self.tile_threshold is not None and not 0 <= self.tile_threshold <= 1:
+            raise ConfigError(f"tile_threshold is a score in [0, 1], got {self.tile_threshold}")
+        if self.min_tiles < 0 or self.min_tissue_mm2 < 0:
+            raise ConfigError("min_tiles and min_tissue_mm2 must be >= 0")
+        if not 0.5 <= self.ood_quantile < 1:
+            raise ConfigError(f"ood_quantile must be in [0.5, 1), got {self.ood_quantile}")
+        if not 0 <= self.ood_max_fraction <= 1:
+            raise ConfigError(f"ood_max_fraction is a fraction in [0, 1], got {self.ood_max_fraction}")
+        if self.evidence_mpp is not None:
+            _positive("evidence_mpp", self.evidence_mpp)
+
+
+@dataclass(frozen=True)
+class VLMConfig(_EnvConfig):
+    """An OpenAI-compatible chat-completions endpoint that phrases reports (optional).
+
+    Parameters
+    ----------
+    vlm_url : str, optional
+        Base URL of the API, e.g. ``http://127.0.0.1:8080/v1`` (``/chat/completions`` is
+        appended). None: no VLM, the template report only. ``WSIENGINE_VLM_URL``.
+    vlm_model : str, optional
+        Model name sent in requests. ``WSIENGINE_VLM_MODEL``.
+    vlm_api_key_env : str
+        Name of the environment variable holding the API key (sent as a bearer token when
+        set). The key itself is never read from a file nor written anywhere.
+    allow_remote : bool
+        Endpoints other than loopback (127.0.0.0/8, ::1, localhost) are refused unless True:
+        findings and evidence tiles would leave the machine.
+    vlm_images : {"auto", "always", "never"}
+        Send the evidence tiles as images: ``auto`` tries and falls back to text when the
+        server rejects image input; ``never`` for text-only models.
+    vlm_timeout_s : float
+        Seconds allowed per request.
+    vlm_retries : int
+        Further attempts after a timeout, a connection error or an HTTP 5xx (429 too).
+    vlm_max_tokens : int
+        Longest reply requested, tokens.
+    """
+
+    vlm_url: str | None = None
+    vlm_model: str | None = None
+    vlm_api_key_env: str = "WSIENGINE_VLM_API_KEY"
+    allow_remote: bool = False
+    vlm_images: str = "auto"
+    vlm_timeout_s: float = 60.0
+    vlm_retries: int = 2
+    vlm_max_tokens: int = 400
+
+    def __post_init__(self) -> None:
+        _positive("vlm_timeout_s", self.vlm_timeout_s)
+        _positive("vlm_max_tokens", self.vlm_max_tokens)
+        if self.vlm_retries < 0:
+            raise ConfigError(f"vlm_retries must be >= 0, got {self.vlm_retries}")
+        if self.vlm_images not in ("auto", "always", "never"):
+            raise ConfigError(f"vlm_images must be 'auto', 'always' or 'never', got {self.vlm_images!r}")
+        if self.vlm_url is not None and not self.vlm_url.startswith(("http://", "https://")):
+            raise ConfigError(f"vlm_url must be an http(s) URL such as http://127.0.0.1:8080/v1, got {self.vlm_url!r}")
+        if not self.vlm_api_key_env or not self.vlm_api_key_env.replace("_", "").isalnum():
+            raise ConfigError(f"vlm_api_key_env must name an environment variable, got {self.vlm_api_key_env!r}")
+
+    @property
+    def enabled(self) -> bool:
+        """True when a URL is configured."""
+        return bool(self.vlm_url)

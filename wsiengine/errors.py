@@ -22,6 +22,9 @@ __all__ = [
     "TrainingDataError",
     "MissingFeaturesError",
     "StoreError",
+    "ReportError",
+    "RemoteEndpointError",
+    "VLMError",
 ]
 
 
@@ -111,3 +114,18 @@ class MissingFeaturesError(TrainingDataError):
     def __init__(self, message: str, slide_ids: list[str]) -> None:
         super().__init__(message)
         self.slide_ids = list(slide_ids)
+
+
+class ReportError(WsiEngineError):
+    """A slide report cannot be made: the store lacks what the report needs, or its files cannot be written."""
+
+
+class RemoteEndpointError(ConfigError):
+    """A VLM endpoint outside this machine was configured without ``allow_remote`` (``--allow-remote``)."""
+
+
+class VLMError(WsiEngineError):
+    """A VLM request failed: timeout, connection refused, HTTP error or an unusable reply.
+
+    Reports never fail on it: they fall back to the template and record the failure as a flag.
+    """
