@@ -21,6 +21,8 @@ The output folder (written as ``OUT.partial`` and renamed when complete)::
                                    specificity at the threshold, calibration table, history, config
       predictions.csv              slide_id,split,part,label,probability,predicted
       splits.csv                   slide_id,split,fold: the partition used (re-usable with --split)
+      reference.npz                the selected split's training tiles as an EmbeddingReference
+                                   (out-of-distribution check: MILHead.load("OUT/").reference)
       roc.png                      test ROC per split and pooled, with operating points
       folds/<split>/               every split's head (model.onnx, config.json)
 """
@@ -43,16 +45,24 @@ from typing import Any, Sequence
 import numpy as np
 import torch
 
+from ..aggregate import REFERENCE_NAME
 from ..config import MILTrainConfig, physical_cores
-from ..errors import ConfigError, TrainingDataError
+from ..errors import ConfigError, StoreError, TrainingDataError
+from ..ood import EmbeddingReference
 from .mil import build_mil
 from .mil_data import FeatureBags, Split, read_labels_csv, read_split_files, stratified_kfold_splits, write_splits_csv
 from .mil_export import save_mil_head
 from .mil_metrics import BinaryMetrics, binary_metrics, calibration_table, plot_roc, roc_auc, select_threshold
 
-__all__ = ["FoldResult", "MILTrainResult", "train_fold", "train_mil", "train_mil_from_stores", "predict_bags"]
+__all__ = ["FoldResult", "MILTrainResult", "train_fold", "train_mil", "train_mil_from_stores", "predict_bags",
+           "fit_reference", "REFERENCE_COMPONENTS", "REFERENCE_MAX_TILES"]
 
 logger = logging.getLogger("wsiengine")
+
+#: Principal components of the head's embedding reference (reference.npz; 32 x 1280 float32 = 160 kB).
+REFERENCE_COMPONENTS = 32
+#: At most this many training tiles (a seeded uniform subsample) go into the reference.
+REFERENCE_MAX_TILES = 200_000
 
 
 @dataclass
@@ -335,6 +345,39 @@ def _head_config(fold: FoldResult, bags: FeatureBags, config: MILTrainConfig, pr
     }
 
 
+def _store_encoder_sha256(bags: FeatureBags, indices: np.ndarray) -> str | None:
+    """The encoder file's SHA-256 recorded in the first of these slides' stores (None for in-memory bags)."""
+    from ..store import open_store
+
+    if not len(indices):
+        return None
+    try:
+        described = open_store(bags.paths[int(indices[0])]).attrs.get("encoder")
+    except (StoreError, OSError, ValueError, KeyError):
+        return None
+    sha = described.get("sha256") if isinstance(described, dict) else None
+    return str(sha) if sha else None
+
+
+def fit_reference(bags: FeatureBags, slide_ids: Sequence[str], *, source: str = "", seed: int = 0,
+                  n_components: int = REFERENCE_COMPONENTS, max_tiles: int = REFERENCE_MAX_TILES
+                  ) -> EmbeddingReference:
+    """An :class:`~wsiengine.ood.EmbeddingReference` of every tile of ``slide_ids`` (a head's
+    training slides), streamed one bag at a time; at most ``max_tiles`` tiles, a seeded uniform
+    subsample when they hold more. The encoder's name comes from the stores (``bags.encoder``),
+    its file hash from the first store's attributes."""
+    indices = bags.index(slide_ids)
+    if not len(indices):
+        raise TrainingDataError("no training slides to fit an embedding reference on")
+    started = time.perf_counter()
+    reference = EmbeddingReference.fit((bags.features(int(i)) for i in indices), n_components=n_components,
+                                       max_tiles=max_tiles, seed=seed, encoder=bags.encoder,
+                                       encoder_sha256=_store_encoder_sha256(bags, indices),
+                                       source=source or f"tile embeddings of {len(indices)} training slides")
+    logger.info("%r in %.1f s", reference, time.perf_counter() - started)
+    return reference
+
+
 def _write_outputs(result: MILTrainResult, bags: FeatureBags, config: MILTrainConfig, out: Path,
                    provenance: dict[str, Any]) -> None:
     partial = out.with_name(out.name + ".partial")
@@ -352,6 +395,10 @@ def _write_outputs(result: MILTrainResult, bags: FeatureBags, config: MILTrainCo
     head_cfg["selected_split"] = chosen.split.name
     head_cfg["cross_validation"] = result.overall
     (partial / "config.json").write_text(json.dumps(head_cfg, indent=2))
+    where = f" in {provenance['features_dir']}" if provenance.get("features_dir") else ""
+    fit_reference(bags, chosen.split.train, seed=config.seed,
+                  source=f"tile embeddings of the {len(chosen.split.train)} training slides of split "
+                         f"{chosen.split.name!r}{where}").save(partial / REFERENCE_NAME)
 
     metrics = {"date": dt.datetime.now().isoformat(timespec="seconds"), "model": config.model, "encoder": bags.encoder,
                "in_dim": bags.in_dim, "n_slides": len(bags), "n_positive": int(bags.labels.sum()),

@@ -2,6 +2,7 @@
 
     python -m wsiengine.models.train_default_mil --work /tmp/mil-default          # writes models/weights/mil-default/
     python -m wsiengine.models.train_default_mil --work /tmp/mil-default --out /tmp/head --no-card
+    python -m wsiengine.models.train_default_mil --work /tmp/mil-default --reference-only   # reference.npz + card
 
 Protocol (fixed seeds; PCam is CC0, derived from CAMELYON16):
 
@@ -25,6 +26,10 @@ Protocol (fixed seeds; PCam is CC0, derived from CAMELYON16):
    :class:`~wsiengine.models.mil.MILWithTileClassifier`),
    verified against torch, with its figures on the test slides and on all PCam test patches
    in ``config.json``, and the model card ``models/cards/mil-default.md`` regenerated.
+6. **Embedding reference.** ``reference.npz``: an :class:`~wsiengine.ood.EmbeddingReference`
+   of every tile of the training slides (:func:`~wsiengine.models.mil_train.fit_reference`, as
+   ``train-mil`` writes it), for the out-of-distribution check ``MILHead.reference``.
+   ``--reference-only`` rewrites it (and the card) for the existing head without training.
 
 Embedding dominates the run time: about 50,000 tiles at ~150 tiles/s on 2 CPU cores. The
 ``--work`` folder keeps slides and stores, so a rerun resumes and reuses them.
@@ -48,19 +53,20 @@ import numpy as np
 import torch
 from torch import nn
 
-from ..aggregate import MILHead, default_head_path
+from ..aggregate import CONFIG_NAME, REFERENCE_NAME, MILHead, default_head_path
 from ..config import MILTrainConfig, TilingConfig
 from ..encode import Encoder
 from ..errors import WsiEngineError
+from ..ood import EmbeddingReference
 from ..testing.mosaic import PCAM_MPP, MosaicSlide, PatchPool, load_mosaic_dataset, make_mosaic_dataset
 from .mil import MILEnsemble, MILWithTileClassifier
 from .mil_data import FeatureBags, Split
 from .mil_export import save_mil_head
 from .mil_metrics import binary_metrics, bootstrap_auc_ci, roc_auc, select_threshold
-from .mil_train import predict_bags, train_mil
+from .mil_train import fit_reference, predict_bags, train_mil
 
 __all__ = ["SPLITS", "HEAD_CONFIG", "prepare_split", "embed_slides", "tile_dataset", "fit_tile_classifier",
-           "top_attention_in_lesion", "main"]
+           "top_attention_in_lesion", "write_reference", "main"]
 
 logger = logging.getLogger("wsiengine")
 
@@ -202,6 +208,29 @@ def top_attention_in_lesion(head: MILHead, slides: Sequence[MosaicSlide], featur
     return hits, positives
 
 
+def write_reference(bags: FeatureBags, train_ids: Sequence[str], out: Path) -> EmbeddingReference:
+    """Fit the head's embedding reference on every tile of its training slides and write
+    ``out/reference.npz`` (the same code path as ``train-mil``)."""
+    reference = fit_reference(bags, train_ids, seed=SEED,
+                              source=f"every tile of the {len(train_ids)} PCam-mosaic training slides (from PCam "
+                                     "train) that the ABMIL ensemble and the tile classifier were trained on")
+    reference.save(out / REFERENCE_NAME)
+    return reference
+
+
+def reference_figures(reference: EmbeddingReference, path: Path, encoder: Encoder, test_tiles: np.ndarray
+                      ) -> dict[str, float]:
+    """The card's reference line: file size, and the fractions beyond the 0.99 quantile of the
+    held-out mosaic test tiles and of 64 featureless patches (32 solid colours, 32 uniform noise)."""
+    rng = np.random.default_rng(SEED)
+    colours = rng.integers(0, 256, (32, 1, 1, 3), dtype=np.uint8)
+    featureless = np.concatenate([np.broadcast_to(colours, (32, TILE_PX, TILE_PX, 3)),
+                                  rng.integers(0, 256, (32, TILE_PX, TILE_PX, 3), dtype=np.uint8)])
+    return {"kb": path.stat().st_size / 1024, "n_tiles": reference.n_tiles, "n_components": reference.n_components,
+            "test_tiles": reference.outlier_fraction(test_tiles, 0.99),
+            "featureless": reference.outlier_fraction(encoder.embed(featureless), 0.99)}
+
+
 def _pcam_test_patches(pcam: Path, encoder: Encoder, batch: int = 128) -> tuple[np.ndarray, np.ndarray]:
     from PIL import Image
 
@@ -217,7 +246,20 @@ def _pcam_test_patches(pcam: Path, encoder: Encoder, batch: int = 128) -> tuple[
     return np.concatenate(feats), labels
 
 
-def _card(figures: dict) -> str:
+def _reference_line(r: dict | None) -> str:
+    if not r:
+        return ""
+    import textwrap
+
+    line = (f"- **Embedding reference:** `reference.npz` ({r['kb']:.0f} KB): mean, {r['n_components']} principal "
+            f"components and distance quantiles of the {r['n_tiles']:,} training-slide tile embeddings, for the "
+            f"out-of-distribution check (`MILHead.reference`); beyond its 0.99 quantile lie "
+            f"{r['test_tiles']:.1%} of the mosaic test tiles and {r['featureless']:.0%} of solid-colour and noise "
+            "patches.")
+    return textwrap.fill(line, width=100, subsequent_indent="  ", break_on_hyphens=False) + "\n"
+
+
+def _card(figures: dict, reference: dict | None = None) -> str:
     f = figures
     slide, tiles, pcam = f["mosaic_test"], f["tile_classifier"], f["pcam_test_patches"]
     return f"""# Model card: `default` MIL head (ABMIL + tile tumour classifier, PCam-mosaic)
@@ -235,7 +277,7 @@ runs when no other is given. Trained {f['date']} by `python -m wsiengine.models.
 - **Tile output:** tumour probability per tile from an L2 logistic regression on the embeddings
   (L2 {tiles['l2']:g}, chosen on validation tiles), so heatmaps show tumour probability, not only attention.
 - **Size:** {f['onnx_kb']:.0f} KB of ONNX; runs in ONNX Runtime on CPU, no torch.
-
+{_reference_line(reference)}
 ## Training data
 PatchCamelyon (CC0; Veeling et al. 2018, from CAMELYON16 lymph-node sections; 96-px patches,
 10x). PCam-mosaic slides (`wsiengine.testing.mosaic`): tissue regions tiled with real normal
@@ -267,6 +309,18 @@ went through the real pipeline (tissue detection, tiling at the slide's 0.972 µ
 """
 
 
+def _reference_only(bags: FeatureBags, train_ids: Sequence[str], out: Path, encoder: Encoder, test_tiles: np.ndarray,
+                    *, card: bool) -> int:
+    """``--reference-only``: write ``out/reference.npz`` for the trained head there and, with
+    ``card``, regenerate the card from the head's recorded figures plus the reference line."""
+    reference = write_reference(bags, train_ids, out)
+    ref_figures = reference_figures(reference, out / REFERENCE_NAME, encoder, test_tiles)
+    if card:
+        CARD.write_text(_card(json.loads((out / CONFIG_NAME).read_text())["metrics"], ref_figures))
+    print(f"wrote {out / REFERENCE_NAME}: {reference!r}; {json.dumps(ref_figures)}")
+    return 0
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--work", required=True, type=Path, help="folder for slides and feature stores (reused)")
@@ -274,6 +328,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--out", type=Path, help="head folder (default: the package's models/weights/mil-default)")
     parser.add_argument("--no-card", action="store_true", help="do not rewrite models/cards/mil-default.md")
     parser.add_argument("--providers", default="cpu")
+    parser.add_argument("--reference-only", action="store_true",
+                        help="only (re)write OUT/reference.npz and the card for the existing head in OUT, no training")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     started = time.perf_counter()
@@ -292,6 +348,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     labels = {s.slide_id: s.label for split in SPLITS for s in slides[split]}
     bags = FeatureBags.from_stores(fdir, labels)
     parts = [tuple(s.slide_id for s in slides[k]) for k in ("train", "valid", "test")]
+    out = args.out or default_head_path()
+    if args.reference_only:
+        if not (out / CONFIG_NAME).is_file():
+            parser.error(f"--reference-only needs a trained head in '{out}' (no {CONFIG_NAME} there)")
+        return _reference_only(bags, parts[0], out, encoder, tile_dataset(slides["test"], fdir)[0], card=not args.no_card)
     # the same partition once per member: train_mil seeds member k with (seed, k)
     result = train_mil(bags, [Split(f"member{k}", *parts) for k in range(ENSEMBLE)], HEAD_CONFIG)
     for fold in result.folds:
@@ -316,7 +377,6 @@ def main(argv: Sequence[str] | None = None) -> int:
         p_scores = torch.sigmoid(tiles.linear(torch.from_numpy(px)).squeeze(-1)).numpy()
     pcam_metrics = binary_metrics(p_scores, py, 0.5)
 
-    out = args.out or default_head_path()
     figures = {
         "date": dt.date.today().isoformat(),
         "machine": f"{platform.machine()}, {os.cpu_count()} CPU threads, ONNX Runtime CPU",
@@ -339,6 +399,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                      "config": HEAD_CONFIG.to_dict(), "data": "PCam-mosaic slides from PCam train/valid/test (CC0)"},
         "metrics": figures,
     })
+    reference = write_reference(bags, parts[0], out)
+    ref_figures = reference_figures(reference, out / REFERENCE_NAME, encoder, x_te)
     head = MILHead.load(out)
     hits, positives = top_attention_in_lesion(head, slides["test"], fdir)
     figures.update(top_attention_hits=hits, top_attention_positives=positives,
@@ -349,7 +411,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     tmp.write_text(json.dumps(cfg, indent=2, default=float))
     os.replace(tmp, out / "config.json")
     if not args.no_card:
-        CARD.write_text(_card(figures))
+        CARD.write_text(_card(figures, ref_figures))
     print(json.dumps({k: figures[k] for k in ("mosaic_test", "pcam_test_patches", "top_attention_rate")}, indent=1,
                      default=float))
     print(f"wrote {out} in {time.perf_counter() - started:.0f} s")

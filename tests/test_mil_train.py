@@ -261,7 +261,8 @@ def test_cli_train_mil_writes_head_metrics_and_roc(digits_stores, tmp_path, caps
     assert main(argv) == 0
     printed = capsys.readouterr().out
     assert "fold0" in printed and "test pooled: AUC" in printed
-    for name in ("model.onnx", "config.json", "metrics.json", "predictions.csv", "splits.csv", "roc.png"):
+    for name in ("model.onnx", "config.json", "metrics.json", "predictions.csv", "splits.csv", "roc.png",
+                 "reference.npz"):
         assert (out / name).is_file(), name
     assert (out / "roc.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     metrics = json.loads((out / "metrics.json").read_text())
@@ -285,6 +286,18 @@ def test_cli_train_mil_writes_head_metrics_and_roc(digits_stores, tmp_path, caps
     _, x = read_features(digits_stores / "d000.zarr")
     pred = head.predict(x)
     assert pred.attention.sum() == pytest.approx(1.0, abs=1e-5) and pred.tile_scores.shape == (len(x),)
+
+    # the embedding reference: every tile of the selected split's training slides
+    with open(out / "splits.csv", newline="") as fh:
+        train_ids = [r["slide_id"] for r in csv.DictReader(fh)
+                     if r["split"] == "train" and r["fold"] == metrics["selected_split"]]
+    ref = head.reference
+    assert ref is not None and ref.dim == head.in_dim == x.shape[1] and ref.encoder == "digits"
+    assert ref.n_tiles == sum(len(read_features(digits_stores / f"{s}.zarr")[1]) for s in train_ids)
+    assert f"{len(train_ids)} training slides of split {metrics['selected_split']!r}" in ref.source
+    assert 0.0 <= ref.outlier_fraction(x) < 0.5
+    assert ref.outlier_fraction(np.random.default_rng(0).random(x.shape, np.float32)) > 0.9  # noise, not digits
+    assert MILHead.load(out / "folds" / metrics["selected_split"]).reference is None  # only the output head
 
     # the same partition again from splits.csv, and a second run refuses to overwrite silently
     again = tmp_path / "again"

@@ -4,7 +4,7 @@
 >>> pred = head.predict(features)             # features: (N, D) float32 embeddings of one slide
 >>> pred.probability, pred.label, pred.attention.shape, pred.tile_scores.shape
 
-A **head directory** holds two files:
+A **head directory** holds two files, and optionally a third:
 
 ``model.onnx``
     The graph (written by :func:`wsiengine.models.mil_export.export_mil_onnx`): input
@@ -17,6 +17,9 @@ A **head directory** holds two files:
     positive], "encoder": str or null, "onnx": "model.onnx", "sha256": str, ...}``. Required:
     ``in_dim`` and ``threshold``; other keys are optional and extra keys (metrics, training
     provenance) are kept in :attr:`MILHead.config`.
+``reference.npz`` (optional)
+    An :class:`~wsiengine.ood.EmbeddingReference` of the tile embeddings the head was trained on
+    (written by ``train-mil``), for the out-of-distribution QC check: :attr:`MILHead.reference`.
 
 :func:`wsiengine.models.mil_export.save_mil_head` writes such a directory from a trained torch
 model. The graph's activations are linear in N (no ``(N, N)`` tensor), so a 100,000-tile bag
@@ -36,9 +39,10 @@ import numpy as np
 
 from .config import physical_cores
 from .errors import ConfigError, ModelError
+from .ood import EmbeddingReference
 
 __all__ = ["SlidePrediction", "MILHead", "HEAD_FORMAT", "HEAD_FORMAT_VERSION", "MODEL_NAME", "CONFIG_NAME",
-           "DEFAULT_HEAD", "default_head_path"]
+           "REFERENCE_NAME", "DEFAULT_HEAD", "default_head_path"]
 
 logger = logging.getLogger("wsiengine")
 
@@ -46,6 +50,8 @@ HEAD_FORMAT = "wsiengine.mil_head"
 HEAD_FORMAT_VERSION = 1
 MODEL_NAME = "model.onnx"
 CONFIG_NAME = "config.json"
+#: The optional embedding reference in a head directory (:class:`~wsiengine.ood.EmbeddingReference`).
+REFERENCE_NAME = "reference.npz"
 INPUT_NAME = "features"
 OUTPUT_NAMES = ("probability", "attention", "tile_scores")
 #: The shipped head (``MILHead.load("default")``), relative to the ``wsiengine.models`` package.
@@ -111,6 +117,11 @@ class MILHead:
         ``[negative, positive]``.
     target_mpp, tile_px : float, int or None
         The tiling the head was trained on (µm/px, pixels at that resolution), when recorded.
+    reference : EmbeddingReference or None
+        A summary of the head's training tile embeddings, from ``reference.npz`` in the head
+        directory (None when the head has none), for the out-of-distribution check:
+        ``head.reference.outlier_fraction(features)``. Read on first access; a damaged file or
+        one whose D differs from :attr:`in_dim` raises :class:`~wsiengine.errors.ModelError` then.
     session : onnxruntime.InferenceSession
     """
 
@@ -126,6 +137,26 @@ class MILHead:
         self.class_names = list(config.get("class_names") or ["negative", "positive"])
         self.target_mpp = float(config["target_mpp"]) if config.get("target_mpp") else None
         self.tile_px = int(config["tile_px"]) if config.get("tile_px") else None
+        self._reference: EmbeddingReference | None = None
+        self._reference_read = False
+
+    @property
+    def reference(self) -> EmbeddingReference | None:
+        """The head's :class:`~wsiengine.ood.EmbeddingReference` (``reference.npz``), or None without one."""
+        if not self._reference_read:
+            self._reference = self._read_reference()
+            self._reference_read = True
+        return self._reference
+
+    def _read_reference(self) -> EmbeddingReference | None:
+        path = self.path / REFERENCE_NAME
+        if not path.exists():
+            return None
+        reference = EmbeddingReference.load(path)
+        if reference.dim != self.in_dim:
+            raise ModelError(f"'{path}' summarises D={reference.dim} embeddings but the head takes "
+                             f"in_dim={self.in_dim}; delete it or re-train the head so that {REFERENCE_NAME} matches")
+        return reference
 
     def __repr__(self) -> str:
         return (f"MILHead(name={self.name!r}, model={self.model!r}, in_dim={self.in_dim}, "
