@@ -37,7 +37,9 @@ def test_real_slide_end_to_end_and_store_reopens(cmu_result, pipeline):
     assert res.geojson == out / "cmu-1-small-region.geojson" and res.overlay == out / "cmu-1-small-region.heatmap.png"
     assert 0.0 <= res.probability <= 1.0 and res.label in (0, 1)
     assert sorted(p.name for p in out.iterdir()) == ["cmu-1-small-region.geojson", "cmu-1-small-region.heatmap.png",
-                                                     "cmu-1-small-region.zarr"]
+                                                     "cmu-1-small-region.report", "cmu-1-small-region.report.json",
+                                                     "cmu-1-small-region.report.md", "cmu-1-small-region.zarr"]
+    assert res.report == out / "cmu-1-small-region.report.json"
 
     store = we.open_result(res.store)
     n = res.n_tiles

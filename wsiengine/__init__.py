@@ -8,6 +8,8 @@
 ...     batch.images, batch.index
 >>> enc = we.Encoder.load("default")                 # ONNX Runtime, no torch
 >>> for index, feats in enc.stream(slide, grid): ...
+>>> res = we.Pipeline().run("x.svs", out="results/")   # store, heatmaps, GeoJSON, report
+>>> we.make_report("results/x.zarr").findings["category"]["code"]
 """
 
 from __future__ import annotations
@@ -16,14 +18,16 @@ from importlib.metadata import PackageNotFoundError, version
 
 from . import errors
 from .batch import run_batch
-from .config import StreamConfig, TilingConfig, TissueConfig, set_defaults
+from .config import ReportConfig, StreamConfig, TilingConfig, TissueConfig, VLMConfig, set_defaults
 from .aggregate import MILHead, SlidePrediction
 from .encode import Encoder
 from .evaluate import froc
 from .fewshot import FewShotClassifier
 from .geojson import annotations_to_geometry, export_slide_geojson, read_camelyon_annotations, read_geojson
 from .models import EncoderSpec, get_encoder_spec, list_encoders
+from .ood import EmbeddingReference
 from .pipeline import Pipeline, SlideResult, embed_slide
+from .report import Report, TileBank, make_report, validate_report
 from .resolution import read_mpp_csv
 from .slide import Slide, open_slide
 from .store import ResultStore, open_result, open_store, read_features
@@ -64,6 +68,11 @@ __all__ = [
     "froc",
     "MILHead",
     "SlidePrediction",
+    "EmbeddingReference",
+    "make_report",
+    "Report",
+    "validate_report",
+    "TileBank",
     "open_store",
     "open_result",
     "ResultStore",
@@ -71,5 +80,7 @@ __all__ = [
     "TissueConfig",
     "TilingConfig",
     "StreamConfig",
+    "ReportConfig",
+    "VLMConfig",
     "set_defaults",
 ]

@@ -31,14 +31,14 @@ import logging
 import os
 import time
 from collections.abc import Callable, Iterable, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from .atomic import atomic_write
-from .config import StreamConfig, TilingConfig, TissueConfig, physical_cores
+from .config import ReportConfig, StreamConfig, TilingConfig, TissueConfig, VLMConfig, physical_cores
 from .errors import ConfigError, WsiEngineError
 from .pipeline import Pipeline, slide_id_for
 
@@ -211,7 +211,10 @@ class ResultsLocation:
     def publish(self, staging: Path, slide_id: str) -> None:
         """Upload one slide's outputs from ``staging`` (URL targets only)."""
         self._made: set[str] = set()
-        for side in (f"{slide_id}.geojson", f"{slide_id}.heatmap.png"):
+        assets = staging / f"{slide_id}.report"
+        for f in sorted(p for p in assets.rglob("*") if p.is_file()) if assets.is_dir() else ():
+            self._put(f, f"{self.root}/{slide_id}.report/{f.relative_to(assets).as_posix()}")
+        for side in (f"{slide_id}.geojson", f"{slide_id}.heatmap.png", f"{slide_id}.report.md", f"{slide_id}.report.json"):
             if (staging / side).is_file():
                 self._put(staging / side, f"{self.root}/{side}")
         store = staging / f"{slide_id}.zarr"
@@ -298,13 +301,18 @@ class PipelineSpec:
     min_tissue: float | None = None
     threads: int | None = None
     heatmaps: tuple[str, ...] = ("attention", "tile_scores")
+    report: bool = True
+    report_config: ReportConfig | None = None
+    vlm: VLMConfig | None = None
+    tile_bank: str | None = None
 
     def build(self) -> Pipeline:
         """The pipeline: tiling from the MIL head / encoder defaults, overridden by what is set here."""
         stream = StreamConfig.from_env(num_workers=self.threads or 0)
         pipe = Pipeline(encoder=self.encoder, mil=self.mil, weights=self.weights, providers=self.providers,
                         allow_fallback=self.allow_fallback, tissue=TissueConfig.from_env(), stream=stream,
-                        heatmaps=self.heatmaps, threads=self.threads)
+                        heatmaps=self.heatmaps, threads=self.threads, report=self.report,
+                        report_config=self.report_config, vlm=self.vlm, tile_bank=self.tile_bank)
         given = {k: v for k, v in (("target_mpp", self.target_mpp), ("tile_px", self.tile_px),
                                    ("min_tissue", self.min_tissue)) if v is not None}
         if given:
@@ -450,6 +458,34 @@ def _complete_result(store: str, key: str, path: Path, mpp: tuple[float, float] 
                       seconds=(result.timings or {}).get("total"))
 
 
+def _report_current(out: "ResultsLocation", slide_id: str, pipe: Pipeline) -> bool:
+    """True when reports are off, or ``SLIDE_ID.report.json`` exists with the pipeline's report key."""
+    import json
+
+    wanted = pipe.report_key()
+    if wanted is None:
+        return True
+    text = out.read_text(f"{slide_id}.report.json")
+    try:
+        return bool(text) and json.loads(text).get("provenance", {}).get("report_key") == wanted
+    except ValueError:
+        return False
+
+
+def _refresh_report(out: "ResultsLocation", entry: SlideEntry, pipe: Pipeline, row: SummaryRow) -> SummaryRow | None:
+    """Rewrite the report of an up-to-date slide from its store (its settings changed or it is
+    missing); None (redo the slide) for URL targets or when that fails."""
+    if out.is_url:
+        return None
+    try:
+        pipe.write_report(out.path / f"{entry.slide_id}.zarr", out.path, slide=entry.path, slide_id=entry.slide_id)
+    except Exception as exc:  # noqa: BLE001 - the slide is redone instead
+        logger.warning("%s: rewriting the report from the store failed (%s); the slide is redone", entry.slide_id, exc)
+        return None
+    logger.info("%s: report rewritten from the up-to-date store", entry.slide_id)
+    return row
+
+
 def _remove_stale_temporaries(out_dir: Path) -> None:
     import shutil
 
@@ -528,15 +564,18 @@ def run_batch(slides_dir: str | os.PathLike[str], out_dir: str | os.PathLike[str
     distributed = client is not None or scheduler is not None
     n_workers = 1 if distributed else _local_workers(len(entries), workers, cap_by_slides=parallel == "slides")
     if spec.threads is None:
-        spec = PipelineSpec(**{**asdict(spec), "threads": max(1, physical_cores() // n_workers) if not distributed
-                               else None, "heatmaps": tuple(spec.heatmaps)})
-    key = _pipeline(spec).config_key()  # loads the pipeline here too: fails fast on a bad encoder or head
+        spec = replace(spec, threads=max(1, physical_cores() // n_workers) if not distributed else None,
+                       heatmaps=tuple(spec.heatmaps))
+    pipe = _pipeline(spec)  # loads the pipeline here too: fails fast on a bad encoder, head or VLM endpoint
+    key = pipe.config_key()
 
     rows: dict[str, SummaryRow] = {}
     todo: list[SlideEntry] = []
     for e in entries:
         done = _complete_result(out.join(f"{e.slide_id}.zarr"), key, e.path, mpps[e.slide_id])
         old = previous.get(e.slide_id)
+        if done is not None and not _report_current(out, e.slide_id, pipe):
+            done = _refresh_report(out, e, pipe, done)
         if done is not None:
             rows[e.slide_id] = done
         elif (old is not None and old.status == "failed" and not retry_failed

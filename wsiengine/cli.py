@@ -256,6 +256,93 @@ def _cmd_heatmap(args: argparse.Namespace) -> int:
     return 0
 
 
+def _vlm_config(args: argparse.Namespace):
+    """VLMConfig from the --vlm-* options over ``WSIENGINE_VLM_*`` variables."""
+    from .config import VLMConfig
+
+    return VLMConfig.from_env(vlm_url=args.vlm_url, vlm_model=args.vlm_model, vlm_images=args.vlm_images,
+                              vlm_timeout_s=args.vlm_timeout, vlm_response_format=args.vlm_response_format,
+                              allow_remote=True if args.allow_remote else None)
+
+
+def _report_config(args: argparse.Namespace):
+    from .config import ReportConfig
+
+    return ReportConfig.from_env(top_k=args.top_k)
+
+
+def _cmd_report(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from .report import make_report
+    from .store import open_result
+
+    vlm, config = _vlm_config(args), _report_config(args)
+    if len(args.stores) > 1 and args.slide:
+        print("error: --slide applies to one store at a time", file=sys.stderr)
+        return 2
+    failed = 0
+    for path in args.stores:
+        try:
+            store = open_result(path)
+            encoder = None
+            if args.tile_bank and Path(args.tile_bank).is_dir():
+                encoder = _store_encoder(store)
+            rep = make_report(store, args.output, config=config, vlm=vlm, slide=args.slide, tile_bank=args.tile_bank,
+                              encoder=encoder)
+        except WsiEngineError as exc:
+            print(f"error: {path}: {type(exc).__name__}: {exc}", file=sys.stderr)
+            failed += 1
+            continue
+        if args.format == "json":
+            print(json.dumps(rep.document, indent=1))
+        elif args.format == "md":
+            print(rep.to_markdown())
+        flags = rep.document["flags"]
+        print(f"wrote {rep.markdown_path} and {rep.json_path}" + (f" (flags: {', '.join(flags)})" if flags else ""),
+              file=sys.stderr)
+    return 1 if failed else 0
+
+
+def _store_encoder(store):
+    """The encoder a store was made with (the shipped default, or its recorded file), checked by
+    sha256, to embed a tile-bank folder the same way."""
+    from pathlib import Path
+
+    from .encode import Encoder
+    from .errors import ConfigError
+
+    info = store.encoder
+    name, file = (info.get("spec") or {}).get("name"), Path(info.get("file") or "")
+    attempts = [lambda: Encoder.load("default")] if name == "default" else []
+    if file.is_file():
+        attempts += [lambda: Encoder.load(name, weights=file), lambda: Encoder.load(file)]
+    for attempt in attempts:
+        try:
+            encoder = attempt()
+        except WsiEngineError:
+            continue
+        if encoder.describe().get("sha256") == info.get("sha256"):
+            return encoder
+    raise ConfigError(f"the encoder of '{store.path.name}' ({name}, {file}) is not on this machine; give the tile "
+                      "bank as an .npz made with it (TileBank.save)")
+
+
+def _add_report_arguments(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("report (findings by code; optional VLM narrative, checked against them)")
+    g.add_argument("--vlm-url", help="OpenAI-compatible API base, e.g. http://127.0.0.1:8080/v1 (env WSIENGINE_VLM_URL)")
+    g.add_argument("--vlm-model", help="model name on that server (env WSIENGINE_VLM_MODEL)")
+    g.add_argument("--vlm-images", choices=["auto", "always", "never"],
+                   help="send evidence tiles as images (auto: fall back to text when the server rejects them)")
+    g.add_argument("--vlm-timeout", type=float, help="seconds per VLM request (default 60)")
+    g.add_argument("--vlm-response-format", choices=["none", "json_object", "json_schema"],
+                   help="ask the server to constrain the reply to its JSON schema (default none: the prompt asks)")
+    g.add_argument("--allow-remote", action="store_true",
+                   help="allow a VLM endpoint off this machine (findings and evidence tiles leave it)")
+    g.add_argument("--tile-bank", help="labelled tiles for a few-shot second opinion: .npz or a folder of class folders")
+    g.add_argument("--top-k", type=int, help="evidence tiles (default 8)")
+
+
 def _cmd_run(args: argparse.Namespace) -> int:
     from pathlib import Path
 
@@ -275,7 +362,9 @@ def _cmd_run(args: argparse.Namespace) -> int:
         mil = None if args.mil in ("none", "") else args.mil
         spec = PipelineSpec(encoder=args.encoder, weights=args.weights, mil=mil, providers=args.providers,
                             allow_fallback=args.allow_fallback, target_mpp=args.target_mpp, tile_px=args.tile_px,
-                            min_tissue=args.min_tissue)
+                            min_tissue=args.min_tissue, report=not args.no_report,
+                            report_config=_report_config(args), vlm=_vlm_config(args),
+                            tile_bank=str(Path(args.tile_bank).resolve()) if args.tile_bank else None)
         progress = sys.stderr.isatty() and not args.quiet
         summary = run_batch(args.slides, out, spec=spec, mpp_csv=args.mpp_csv, workers=args.workers,
                             scheduler=args.scheduler, retry_failed=args.retry_failed, progress=progress,
@@ -426,7 +515,8 @@ def build_parser() -> argparse.ArgumentParser:
     heatmap.add_argument("--alpha", type=float, default=0.5, help="heatmap opacity")
     heatmap.set_defaults(func=_cmd_heatmap)
 
-    run = sub.add_parser("run", help="every slide of a folder: tissue, tiles, embeddings, MIL, heatmaps, GeoJSON; resumable")
+    run = sub.add_parser("run", help="every slide of a folder: tissue, tiles, embeddings, MIL, heatmaps, GeoJSON, "
+                                     "reports; resumable")
     run.add_argument("slides", help="folder of slides (searched recursively) or one slide")
     run.add_argument("-o", "--output", required=True, help="results folder (summary.csv, SLIDE_ID.zarr/.geojson/.png)")
     run.add_argument("--encoder", default="default", help="'default', a registry name (with --weights), or an .onnx path")
@@ -445,7 +535,18 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--parallel", default="auto", choices=["auto", "slides", "chunks"],
                      help="one slide per worker, or each slide's tiles split across workers (auto: chunks when "
                           "fewer slides than workers)")
+    run.add_argument("--no-report", action="store_true", help="skip the per-slide reports")
+    _add_report_arguments(run)
     run.set_defaults(func=_cmd_run)
+
+    report = sub.add_parser("report", help="a slide report (Markdown + JSON + images) from result stores; optional VLM")
+    report.add_argument("stores", nargs="+", help="SLIDE_ID.zarr written by the pipeline")
+    report.add_argument("-o", "--output", help="folder for the report files (default: beside each store)")
+    report.add_argument("--format", choices=["md", "json", "none"], default="md",
+                        help="what to print to stdout; both files are always written")
+    report.add_argument("--slide", help="the slide file, when it moved since the run (for the evidence tiles)")
+    _add_report_arguments(report)
+    report.set_defaults(func=_cmd_report)
 
     doctor = sub.add_parser("doctor", help="preflight a folder: which slides open, backend, mpp and source, estimated tiles")
     doctor.add_argument("slides", help="folder of slides or one slide")

@@ -411,6 +411,10 @@ class VLMConfig(_EnvConfig):
         Further attempts after a timeout, a connection error or an HTTP 5xx (429 too).
     vlm_max_tokens : int
         Longest reply requested, tokens.
+    vlm_response_format : {"none", "json_object", "json_schema"}
+        Ask the server to constrain its reply to the reply schema: ``json_object`` (with the
+        schema, as llama-cpp-python and vLLM take it) or ``json_schema`` (OpenAI structured
+        outputs: vLLM, Ollama, LM Studio). ``none`` relies on the prompt (any server).
     """
 
     vlm_url: str | None = None
@@ -421,6 +425,7 @@ class VLMConfig(_EnvConfig):
     vlm_timeout_s: float = 60.0
     vlm_retries: int = 2
     vlm_max_tokens: int = 400
+    vlm_response_format: str = "none"
 
     def __post_init__(self) -> None:
         _positive("vlm_timeout_s", self.vlm_timeout_s)
@@ -429,6 +434,9 @@ class VLMConfig(_EnvConfig):
             raise ConfigError(f"vlm_retries must be >= 0, got {self.vlm_retries}")
         if self.vlm_images not in ("auto", "always", "never"):
             raise ConfigError(f"vlm_images must be 'auto', 'always' or 'never', got {self.vlm_images!r}")
+        if self.vlm_response_format not in ("none", "json_object", "json_schema"):
+            raise ConfigError(f"vlm_response_format must be 'none', 'json_object' or 'json_schema', got "
+                              f"{self.vlm_response_format!r}")
         if self.vlm_url is not None and not self.vlm_url.startswith(("http://", "https://")):
             raise ConfigError(f"vlm_url must be an http(s) URL such as http://127.0.0.1:8080/v1, got {self.vlm_url!r}")
         if not self.vlm_api_key_env or not self.vlm_api_key_env.replace("_", "").isalnum():

@@ -13,7 +13,7 @@ from typing import Any
 import numpy as np
 
 from .aggregate import MILHead, SlidePrediction
-from .config import StreamConfig, TilingConfig, TissueConfig
+from .config import ReportConfig, StreamConfig, TilingConfig, TissueConfig, VLMConfig
 from .encode import Encoder
 from .errors import ConfigError
 from .slide import Slide, open_slide
@@ -72,19 +72,23 @@ class SlideResult:
         The committed ``SLIDE_ID.zarr``.
     geojson, overlay : Path or None
         ``SLIDE_ID.geojson`` and ``SLIDE_ID.heatmap.png`` when written.
+    report : Path or None
+        ``SLIDE_ID.report.json`` when written (with ``.report.md`` and the ``.report/`` images).
     prediction : SlidePrediction or None
         None without a MIL head or when the slide has no tissue tiles.
     n_tiles : int
     status : str
         ``"ok"`` or ``"no_tissue"``.
     timings : dict[str, float]
-        Seconds per stage (``open``, ``tissue``, ``tiling``, ``embed``, ``mil``, ``outputs``, ``total``).
+        Seconds per stage (``open``, ``tissue``, ``tiling``, ``embed``, ``mil``, ``outputs``, ``report``,
+        ``total``).
     """
 
     slide_id: str
     store: Path
     geojson: Path | None
     overlay: Path | None
+    report: Path | None
     prediction: SlidePrediction | None
     n_tiles: int
     status: str
@@ -146,6 +150,15 @@ class Pipeline:
     threads : int, optional
         ONNX Runtime intra-op threads for the encoder (default: physical cores); a batch running
         several slides at once gives each a share.
+    report : bool
+        Write the slide report (``SLIDE_ID.report.json``, ``.report.md``, ``SLIDE_ID.report/``);
+        see :mod:`wsiengine.report`. Ignored without a MIL head (nothing to report).
+    report_config : ReportConfig, optional
+    vlm : VLMConfig, optional
+        An OpenAI-compatible endpoint that phrases the report's narrative (default: none, or
+        ``WSIENGINE_VLM_URL``/``WSIENGINE_VLM_MODEL``); a remote one needs ``allow_remote``.
+    tile_bank : path, optional
+        Labelled tiles (``.npz`` or a folder of class folders) for the few-shot second opinion.
     """
 
     def __init__(self, encoder: str | os.PathLike[str] | Encoder = "default",
@@ -154,7 +167,8 @@ class Pipeline:
                  allow_fallback: bool = False, tissue: TissueConfig | None = None, tiling: TilingConfig | None = None,
                  stream: StreamConfig | None = None, heatmaps: Sequence[str] = ("attention", "tile_scores"),
                  geojson: bool = True, overlay: bool = True, tumour_threshold: float = 0.5,
-                 threads: int | None = None) -> None:
+                 threads: int | None = None, report: bool = True, report_config: ReportConfig | None = None,
+                 vlm: VLMConfig | None = None, tile_bank: str | os.PathLike[str] | None = None) -> None:
         self.encoder = encoder if isinstance(encoder, Encoder) else Encoder.load(
             encoder, weights=weights, providers=providers, allow_fallback=allow_fallback, threads=threads)
         self.mil = mil if (mil is None or isinstance(mil, MILHead)) else MILHead.load(mil)
@@ -177,6 +191,44 @@ class Pipeline:
         self.geojson = bool(geojson)
         self.overlay = bool(overlay)
         self.tumour_threshold = float(tumour_threshold)
+        self.report = bool(report) and self.mil is not None  # a report needs a slide call
+        self.report_config = report_config or ReportConfig.from_env()
+        self.vlm = vlm if vlm is not None else VLMConfig.from_env()
+        self.vlm_client = None
+        self.tile_bank_path = tile_bank
+        self.tile_bank = None
+        if self.report:
+            from .report import TileBank
+
+            if self.vlm.enabled:
+                from .report.vlm import VLMClient
+
+                self.vlm_client = VLMClient(self.vlm)  # a remote endpoint without allow_remote fails here
+            if tile_bank is not None:
+                self.tile_bank = TileBank.open(tile_bank, self.encoder)
+
+    def report_key(self) -> str | None:
+        """A hash of the report settings (None without reports); a report with another key is stale."""
+        if not self.report:
+            return None
+        from .report import report_key
+
+        reference = getattr(self.mil, "reference", None) if self.mil is not None else None
+        return report_key(self.report_config, self.vlm, self.tile_bank_path,
+                          getattr(reference, "source", None) if reference is not None else None)
+
+    def write_report(self, store: Any, out: str | os.PathLike[str], *, slide: Slide | str | os.PathLike[str] | None = None,
+                     slide_id: str | None = None) -> Path:
+        """The report of one slide from its store (a path or an open ``ResultStore``) with this
+        pipeline's report settings; returns ``SLIDE_ID.report.json``."""
+        from .report import make_report
+
+        reference = getattr(self.mil, "reference", None) if self.mil is not None else None
+        rep = make_report(store, out, config=self.report_config, vlm=self.vlm_client or self.vlm, slide=slide,
+                          reference=reference, tile_bank=self.tile_bank, slide_id=slide_id,
+                          key=self.report_key())
+        assert rep.json_path is not None
+        return rep.json_path
 
     def describe(self) -> dict[str, Any]:
         """The configuration recorded in every store (JSON-ready)."""
@@ -204,7 +256,8 @@ class Pipeline:
             return None
         return {"name": self.mil.name, "model": self.mil.model, "path": str(self.mil.path),
                 "sha256": self.mil.config.get("sha256"), "threshold": self.mil.threshold,
-                "encoder": self.mil.encoder, "class_names": self.mil.class_names}
+                "encoder": self.mil.encoder, "class_names": self.mil.class_names,
+                "target_mpp": self.mil.target_mpp, "tile_px": self.mil.tile_px}
 
     def run(self, slide: str | os.PathLike[str] | Slide, out: str | os.PathLike[str], *,
             slide_id: str | None = None, mpp: tuple[float, float] | float | None = None,
@@ -309,6 +362,13 @@ class Pipeline:
                     status = "ok" if len(grid) else "no_tissue"
                     for tmp, final in tmp_files:
                         extra[final.suffix] = _publish(tmp, final)
+                    if self.report:
+                        from .store import ResultStore
+
+                        writer.group.attrs.update(prediction=summary, status=status)
+                        extra[".report"] = self.write_report(ResultStore(store_path, writer.group), out_dir,
+                                                             slide=slide_obj, slide_id=sid)
+                        timings = _stage_seconds({**t, "report": time.perf_counter()})
                     writer.commit(prediction=summary, timings=timings, status=status)
                 finally:
                     for tmp, _ in tmp_files:
@@ -316,7 +376,7 @@ class Pipeline:
             if not len(grid):
                 logger.warning("%s: no tissue tiles; the store records status no_tissue and no prediction", sid)
             result = SlideResult(slide_id=sid, store=store_path, geojson=extra.get(".geojson"),
-                                 overlay=extra.get(".png"), prediction=prediction, n_tiles=len(grid),
+                                 overlay=extra.get(".png"), report=extra.get(".report"), prediction=prediction, n_tiles=len(grid),
                                  status=status, timings=timings)
             logger.info("%s: %s in %.1f s", sid, "no tissue" if prediction is None else
                         f"p={prediction.probability:.3f} label={prediction.label}", timings["total"])
@@ -327,7 +387,7 @@ class Pipeline:
 
 
 def _stage_seconds(t: dict[str, float]) -> dict[str, float]:
-    order = ["start", "open", "tissue", "tiling", "embed", "mil", "outputs"]
+    order = ["start", "open", "tissue", "tiling", "embed", "mil", "outputs", "report"]
     out = {}
     for prev, cur in zip(order, order[1:]):
         if cur in t and prev in t:

@@ -1,0 +1,399 @@
+"""Slide reports: findings computed by code, a template narrative, optionally phrased by a VLM.
+
+>>> rep = make_report("results/x.zarr")                       # results/x.report.json, .md, x.report/
+>>> rep.document["findings"]["category"]["code"]              # 'micrometastasis'
+>>> make_report("results/x.zarr", vlm=VLMConfig(vlm_url="http://127.0.0.1:8080/v1", vlm_model="qwen2.5-vl"))
+
+The findings (metastasis call, AJCC/CAP category, deposits, evidence tiles, QC flags) are the
+report's truth. A language model only phrases them; its text is checked against the findings
+(:func:`~wsiengine.report.guard.check_narrative`) and replaced by the template when it
+contradicts them, gives treatment advice or fails. A fixed disclaimer is always added. Label
+and macro images are never read, sent or written.
+
+Files written next to the store (``OUT/``)::
+
+    SLIDE_ID.report.json      the document (schema: wsiengine/report/schema.json)
+    SLIDE_ID.report.md        the same as Markdown, with the images below
+    SLIDE_ID.report/          thumbnail.png (evidence tiles numbered), heatmap.png, evidence-NN.png
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import shutil
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+from ..config import ReportConfig, VLMConfig
+from ..errors import ReportError
+from .findings import CATEGORIES, build_findings, metastasis_call, size_category
+from .guard import DISCLAIMER
+from .render import headline, render_markdown, template_narrative
+from .second_opinion import TileBank, second_opinion
+
+if TYPE_CHECKING:  # pragma: no cover
+    from ..encode import Encoder
+    from .vlm import VLMClient
+    from ..ood import EmbeddingReference
+    from ..slide import Slide
+    from ..store import ResultStore
+
+__all__ = ["make_report", "Report", "report_key", "validate_report", "load_schema", "build_findings",
+           "metastasis_call", "size_category", "CATEGORIES", "template_narrative", "render_markdown", "headline",
+           "TileBank", "second_opinion", "DISCLAIMER", "REPORT_FORMAT", "REPORT_SCHEMA_VERSION"]
+
+logger = logging.getLogger("wsiengine")
+
+REPORT_FORMAT = "wsiengine.report"
+REPORT_SCHEMA_VERSION = 1
+
+
+@dataclass(frozen=True, eq=False)
+class Report:
+    """A slide report: the ``document`` (JSON-ready dict) and, when written, its files."""
+
+    document: dict[str, Any]
+    json_path: Path | None = None
+    markdown_path: Path | None = None
+    assets: Path | None = None
+
+    @property
+    def findings(self) -> dict[str, Any]:
+        return self.document["findings"]
+
+    @property
+    def narrative(self) -> str:
+        return self.document["narrative"]["text"]
+
+    def to_markdown(self) -> str:
+        return render_markdown(self.document)
+
+
+def report_key(config: ReportConfig, vlm: VLMConfig | None = None, tile_bank: str | os.PathLike[str] | None = None,
+               reference: str | None = None) -> str:
+    """A hash of what changes a report (its config, the VLM endpoint and model, the tile bank,
+    the embedding reference); ``wsiengine run`` rewrites a report whose key differs."""
+    payload = {"config": config.to_dict(), "format": REPORT_SCHEMA_VERSION, "reference": reference,
+               "vlm": None if vlm is None or not vlm.enabled else
+               {k: v for k, v in vlm.to_dict().items() if k not in ("vlm_api_key_env", "vlm_timeout_s", "vlm_retries")},
+               "bank": None if tile_bank is None else _file_key(Path(tile_bank))}
+    return hashlib.sha256(json.dumps(payload, sort_keys=True, default=str).encode()).hexdigest()[:32]
+
+
+def _file_key(p: Path) -> str:
+    if p.is_dir():
+        return ";".join(f"{f.relative_to(p)}:{f.stat().st_size}" for f in sorted(p.rglob("*")) if f.is_file())
+    return f"{p.name}:{p.stat().st_size}:{p.stat().st_mtime_ns}" if p.exists() else str(p)
+
+
+def load_schema() -> dict[str, Any]:
+    """The report document's JSON Schema (draft 2020-12)."""
+    from importlib import resources
+
+    return json.loads(resources.files("wsiengine.report").joinpath("schema.json").read_text(encoding="utf-8"))
+
+
+def validate_report(document: dict[str, Any]) -> None:
+    """Check a report document against :func:`load_schema`; raises ``ReportError`` listing the
+    first problems. Needs ``jsonschema`` (``pip install wsiengine[report]``)."""
+    try:
+        import jsonschema
+    except ImportError as exc:  # pragma: no cover - jsonschema is in [report] and [test]
+        raise ReportError("validating reports needs jsonschema: pip install 'wsiengine[report]'") from exc
+    validator = jsonschema.Draft202012Validator(load_schema())
+    errors = sorted(validator.iter_errors(document), key=lambda e: list(e.absolute_path))
+    if errors:
+        lines = [f"{'/'.join(map(str, e.absolute_path)) or '(root)'}: {e.message}" for e in errors[:10]]
+        raise ReportError("the report does not match its schema:\n  " + "\n  ".join(lines))
+
+
+def _load_reference(store: "ResultStore") -> "EmbeddingReference | None":
+    """The embedding reference of the store's MIL head (``reference.npz`` in its folder), if any."""
+    from ..aggregate import default_head_path
+    from ..ood import EmbeddingReference
+
+    mil = store.mil or {}
+    folders = [Path(mil["path"])] if mil.get("path") else []
+    if mil.get("name") == "default":
+        folders.append(default_head_path())
+    for folder in folders:
+        if (folder / "reference.npz").is_file():
+            return EmbeddingReference.load(folder / "reference.npz")
+    return None
+
+
+def _open_slide_for_evidence(store: "ResultStore", slide: "Slide | str | os.PathLike[str] | None"
+                             ) -> tuple["Slide | None", bool, str | None]:
+    """The slide to read evidence tiles from: (slide, opened here, reason it is unavailable)."""
+    from ..slide import Slide, open_slide
+    from ..store import slide_fingerprint
+
+    if isinstance(slide, Slide):
+        return slide, False, None
+    info = store.slide
+    path = Path(slide) if slide is not None else Path(info.get("path", ""))
+    if not info.get("path") and slide is None:
+        return None, False, "the store records no slide path"
+    if not path.exists():
+        return None, False, f"slide '{path.name}' is not at its recorded path; pass slide= (--slide) to make tiles"
+    expected = info.get("fingerprint")
+    if expected and slide_fingerprint(path) != expected:
+        return None, False, f"'{path.name}' is not the file the store was made from (its content differs)"
+    try:
+        return open_slide(path, mpp=tuple(info["mpp"]) if info.get("mpp") else None), True, None
+    except Exception as exc:  # noqa: BLE001 - any open failure only costs the evidence images
+        return None, False, f"cannot open '{path.name}': {exc}"
+
+
+def _upscale(image: np.ndarray, min_px: int) -> np.ndarray:
+    factor = int(np.ceil(min_px / max(1, min(image.shape[:2]))))
+    return image if factor <= 1 else np.repeat(np.repeat(image, factor, axis=0), factor, axis=1)
+
+
+def _save_png(path: Path, image: np.ndarray) -> None:
+    from PIL import Image
+
+    Image.fromarray(np.ascontiguousarray(image)).save(path, format="PNG")
+
+
+def _evidence_images(slide: "Slide", store: "ResultStore", evidence: list[dict[str, Any]], assets: Path,
+                     config: ReportConfig) -> list[Path]:
+    """Read each evidence tile from the slide's pyramid (never its label or macro image) and
+    save it as ``evidence-NN.png``."""
+    grid = store.grid
+    mpp = float(config.evidence_mpp or grid["target_mpp"])
+    size_px = max(1, int(round(int(grid["tile_px"]) * float(grid["target_mpp"]) / mpp)))
+    paths = []
+    for e in evidence:
+        tile = slide.read_at_mpp((e["x"], e["y"]), (size_px, size_px), mpp, allow_upsample=True)
+        path = assets / f"evidence-{e['rank']:02d}.png"
+        _save_png(path, _upscale(tile, config.evidence_px))
+        paths.append(path)
+    return paths
+
+
+def _thumbnail_image(store: "ResultStore", evidence: list[dict[str, Any]], min_px: int = 512) -> np.ndarray | None:
+    """The stored thumbnail (pyramid-derived) with the evidence tiles outlined and numbered."""
+    from PIL import Image, ImageDraw
+
+    thumb = store.thumbnail
+    if thumb is None:
+        return None
+    factor = max(1, int(np.ceil(min_px / max(1, max(thumb.shape[:2])))))
+    image = Image.fromarray(_upscale(thumb, min(thumb.shape[:2]) * factor))
+    scale = store.array_attrs("thumbnail").get("level0_per_px", [1.0, 1.0])
+    sx, sy = float(scale[0]) / factor, float(scale[1]) / factor
+    from ..heatmap import _font
+
+    draw = ImageDraw.Draw(image)
+    font = _font(14)
+    for e in evidence:
+        x0, y0 = e["x"] / sx, e["y"] / sy
+        x1, y1 = (e["x"] + e["width"]) / sx, (e["y"] + e["height"]) / sy
+        draw.rectangle([x0, y0, max(x0 + 2, x1), max(y0 + 2, y1)], outline=(0, 90, 255), width=2)
+        box = draw.textbbox((x1 + 2, y0), str(e["rank"]), font=font)
+        draw.rectangle([box[0] - 1, box[1] - 1, box[2] + 1, box[3] + 1], fill=(255, 255, 255))
+        draw.text((x1 + 2, y0), str(e["rank"]), fill=(0, 40, 160), font=font)
+    return np.asarray(image)
+
+
+def _heatmap_image(store: "ResultStore", min_px: int = 512) -> np.ndarray | None:
+    from ..heatmap import read_heatmap, render_overlay
+
+    names = store.heatmap_names()
+    name = "tile_scores" if "tile_scores" in names else ("attention" if "attention" in names else None)
+    thumb = store.thumbnail
+    if name is None or thumb is None:
+        return None
+    factor = max(1, int(np.ceil(min_px / max(1, max(thumb.shape[:2])))))
+    scale = store.array_attrs("thumbnail").get("level0_per_px", [1.0, 1.0])
+    return render_overlay(_upscale(thumb, min(thumb.shape[:2]) * factor),
+                          (float(scale[0]) / factor, float(scale[1]) / factor), read_heatmap(store.group, name),
+                          label="tumour probability" if name == "tile_scores" else "attention (relative)")
+
+
+def _engine_version() -> str:
+    from ..store import _engine_version as version
+
+    return version()
+
+
+def make_report(store: "str | os.PathLike[str] | ResultStore", out_dir: str | os.PathLike[str] | None = None, *,
+                config: ReportConfig | None = None, vlm: "VLMConfig | VLMClient | None" = None,
+                slide: "Slide | str | os.PathLike[str] | None" = None,
+                reference: "EmbeddingReference | str | None" = "auto",
+                tile_bank: TileBank | str | os.PathLike[str] | None = None, encoder: "Encoder | None" = None,
+                slide_id: str | None = None, write: bool = True, key: str | None = None) -> Report:
+    """Make a slide's report from its result store.
+
+    Parameters
+    ----------
+    store : path or ResultStore
+        ``SLIDE_ID.zarr`` from ``wsiengine run`` / :class:`~wsiengine.Pipeline`.
+    out_dir : path, optional
+        Where the report files go (default: the store's folder).
+    config : ReportConfig, optional
+    vlm : VLMConfig or VLMClient, optional
+        An OpenAI-compatible endpoint to phrase the narrative (default: none, or
+        ``WSIENGINE_VLM_URL``/``WSIENGINE_VLM_MODEL``). Non-loopback URLs need ``allow_remote``.
+        A client is reused (it remembers a text-only server).
+    slide : Slide or path, optional
+        The slide for the evidence PNGs (default: the recorded path, if it is still the same file).
+    reference : EmbeddingReference, "auto" or None
+        Training embeddings for the OOD flag; "auto" takes the MIL head's ``reference.npz``.
+    tile_bank : TileBank or path, optional
+        Labelled tiles for the few-shot second opinion (an ``.npz`` or a folder of class folders;
+        a folder needs ``encoder``).
+    slide_id : str, optional
+        Names the files (default: the store's recorded id).
+    write : bool
+        False builds the document without writing files or evidence PNGs.
+    key : str, optional
+        The report key to record (default: :func:`report_key` of these settings).
+
+    Raises
+    ------
+    ReportError
+        The store cannot support a report (no resolution recorded) or the files cannot be written.
+    RemoteEndpointError
+        ``vlm`` points off this machine without ``allow_remote``.
+    """
+    from ..store import ResultStore, open_result
+
+    config = config or ReportConfig.from_env()
+    client = None
+    if vlm is not None and not isinstance(vlm, VLMConfig):  # a VLMClient, reused
+        client, vlm = vlm, vlm.config
+    else:
+        vlm = vlm if vlm is not None else VLMConfig.from_env()
+        if vlm.enabled:
+            from .vlm import VLMClient
+
+            client = VLMClient(vlm)  # refuses remote endpoints before any work
+    result = store if isinstance(store, ResultStore) else open_result(store)
+    sid = slide_id or result.attrs.get("slide_id") or Path(str(result.path)).name.split(".zarr")[0]
+    out = Path(out_dir) if out_dir is not None else Path(str(result.path)).parent
+    if reference == "auto":
+        reference = _load_reference(result)
+    elif isinstance(reference, (str, os.PathLike)):
+        from ..ood import EmbeddingReference
+
+        reference = EmbeddingReference.load(reference)
+    findings = build_findings(result, config=config, reference=reference)
+    evidence = findings["evidence"]
+    report_flags: list[str] = []
+
+    if tile_bank is not None and evidence:
+        bank = tile_bank if isinstance(tile_bank, TileBank) else TileBank.open(tile_bank, encoder)
+        rows = np.array([e["tile_index"] for e in evidence])
+        order = np.argsort(rows)
+        feats = np.empty((len(rows), result.group["features"].shape[1]), np.float32)
+        feats[order] = np.asarray(result.group["features"].get_orthogonal_selection((rows[order], slice(None))))
+        scores = result.tile_scores
+        findings["second_opinion"] = second_opinion(
+            bank, feats, None if scores is None else scores[rows],
+            tile_threshold=findings["deposits"]["tile_threshold"], ranks=[e["rank"] for e in evidence],
+            encoder_sha256=result.encoder.get("sha256"),
+            positive_names=(result.mil or {}).get("class_names", [])[1:])
+
+    tmp = out / f".{sid}.report.partial-{os.getpid()}"
+    assets_name = f"{sid}.report"
+    images: dict[str, Any] = {"thumbnail": None, "heatmap": None, "evidence": []}
+    evidence_paths: list[Path] = []
+    try:
+        if write:
+            if tmp.exists():
+                shutil.rmtree(tmp)
+            (tmp / "assets").mkdir(parents=True)
+            slide_obj, opened, why = _open_slide_for_evidence(result, slide) if evidence else (None, False, None)
+            try:
+                if slide_obj is not None:
+                    evidence_paths = _evidence_images(slide_obj, result, evidence, tmp / "assets", config)
+                    for e, p in zip(evidence, evidence_paths):
+                        e["image"] = f"{assets_name}/{p.name}"
+                    images["evidence"] = [e["image"] for e in evidence]
+                elif why:
+                    findings["qc"]["flags"].append({"code": "evidence_unavailable",
+                                                    "message": f"Evidence tile images not made: {why}."})
+            finally:
+                if opened:
+                    slide_obj.close()
+            for name, image in (("thumbnail", _thumbnail_image(result, evidence)), ("heatmap", _heatmap_image(result))):
+                if image is not None:
+                    _save_png(tmp / "assets" / f"{name}.png", image)
+                    images[name] = f"{assets_name}/{name}.png"
+
+        narrative = {"text": template_narrative(findings), "source": "template", "vlm": None}
+        if client is not None:
+            info = result.slide
+            forbidden = [s for s in (sid, info.get("name"), Path(info.get("path", "")).stem) if s]
+            narration = client.narrate(findings, images=[tmp / "assets" / Path(p).name for p in images["evidence"]],
+                                       forbidden_strings=forbidden)
+            narrative["vlm"] = narration.to_dict()
+            if narration.accepted and narration.text:
+                narrative.update(text=narration.text, source="vlm")
+            report_flags += [f for f in narration.flags if f not in report_flags]
+            if not narration.accepted and "vlm_rejected" not in report_flags:
+                report_flags.append("vlm_rejected")
+        if key is None:
+            bank_path = tile_bank.source if isinstance(tile_bank, TileBank) else tile_bank
+            key = report_key(config, vlm, bank_path, getattr(reference, "source", None) if reference is not None else None)
+        document = _document(result, sid, findings, narrative, report_flags, images, key)
+        if not write:
+            return Report(document)
+        (tmp / "report.md").write_text(render_markdown(document), encoding="utf-8")
+        (tmp / "report.json").write_text(json.dumps(document, indent=1, allow_nan=False), encoding="utf-8")
+        paths = _publish(tmp, out, sid)
+        logger.info("%s: report %s (%s)", sid, paths[0].name, headline(findings))
+        return Report(document, *paths)
+    except OSError as exc:
+        raise ReportError(f"cannot write the report of '{sid}' into '{out}': {exc}. Check the disk has space.") from exc
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _document(result: "ResultStore", sid: str, findings: dict[str, Any], narrative: dict[str, Any],
+              flags: list[str], images: dict[str, Any], key: str) -> dict[str, Any]:
+    info, mil, enc = result.slide, result.mil or {}, result.encoder
+    return {
+        "format": REPORT_FORMAT,
+        "schema_version": REPORT_SCHEMA_VERSION,
+        "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        "slide": {"slide_id": sid, "name": info.get("name") or Path(info.get("path", "")).name,
+                  "dimensions": info.get("dimensions"), "mpp": info.get("mpp"), "mpp_source": info.get("mpp_source"),
+                  "vendor": info.get("vendor")},
+        "findings": findings,
+        "narrative": narrative,
+        "flags": flags,
+        "images": images,
+        "provenance": {
+            "engine_version": _engine_version(),
+            "store": f"{sid}.zarr",
+            "store_created": result.attrs.get("created"),
+            "config_key": result.attrs.get("config_key"),
+            "encoder": {"name": (enc.get("spec") or {}).get("name"), "sha256": enc.get("sha256")},
+            "mil": {k: mil.get(k) for k in ("name", "model", "sha256", "threshold")} if mil else None,
+            "report_key": key,
+        },
+        "disclaimer": DISCLAIMER,
+    }
+
+
+def _publish(tmp: Path, out: Path, sid: str) -> tuple[Path, Path, Path]:
+    """Move the assets folder, the Markdown and last the JSON (the completion marker) into place."""
+    assets, md, js = out / f"{sid}.report", out / f"{sid}.report.md", out / f"{sid}.report.json"
+    if assets.exists():
+        old = out / f".{sid}.report.partial-old-{os.getpid()}"
+        os.replace(assets, old)
+        shutil.rmtree(old, ignore_errors=True)
+    os.replace(tmp / "assets", assets)
+    os.replace(tmp / "report.md", md)
+    os.replace(tmp / "report.json", js)
+    return js, md, assets

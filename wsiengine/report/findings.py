@@ -1,0 +1,314 @@
+"""Structured findings of one slide, computed by code: the report's truth.
+
+Everything here is derived from a committed (or about-to-be-committed) result store: the MIL
+call, tumour deposits from the tile scores, the AJCC/CAP size category, the evidence tiles and
+QC flags. A language model may phrase these findings later; it never changes them.
+
+Sizes are millimetres on the slide (level-0 pixels times the slide's µm/px), coordinates
+level-0 pixels.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+from ..config import ReportConfig
+from ..errors import ReportError
+
+if TYPE_CHECKING:  # pragma: no cover
+    from ..ood import EmbeddingReference
+    from ..store import ResultStore
+
+__all__ = ["Category", "CATEGORIES", "ITC_MAX_MM", "MICRO_MAX_MM", "EXTRANODAL_EXTENSION", "metastasis_call",
+           "size_category", "build_findings", "evidence_tiles", "QCFlag"]
+
+logger = logging.getLogger("wsiengine")
+
+#: Isolated tumour cells: the largest deposit is at most this, mm (AJCC 8th ed., CAP).
+ITC_MAX_MM = 0.2
+#: Micrometastasis: larger than ITC and at most this, mm; larger is a macrometastasis.
+MICRO_MAX_MM = 2.0
+#: Extranodal extension needs the capsule, which tiles of the node's interior do not show.
+EXTRANODAL_EXTENSION = "not assessed"
+
+
+@dataclass(frozen=True)
+class Category:
+    """An AJCC/CAP nodal category: ``code`` (JSON), ``name`` (display), ``definition``."""
+
+    code: str
+    name: str
+    definition: str
+
+
+CATEGORIES: dict[str, Category] = {c.code: c for c in (
+    Category("negative", "Negative", "no metastasis detected"),
+    Category("itc", "Isolated tumour cells", f"largest deposit <= {ITC_MAX_MM} mm"),
+    Category("micrometastasis", "Micrometastasis", f"largest deposit > {ITC_MAX_MM} mm and <= {MICRO_MAX_MM:g} mm"),
+    Category("macrometastasis", "Macrometastasis", f"largest deposit > {MICRO_MAX_MM:g} mm"),
+    Category("indeterminate", "Indeterminate", "the slide call or the deposit size is uncertain"),
+)}
+
+
+@dataclass(frozen=True)
+class QCFlag:
+    """A quality-control flag: a stable ``code`` and a message for people."""
+
+    code: str
+    message: str
+
+    def to_dict(self) -> dict[str, str]:
+        return {"code": self.code, "message": self.message}
+
+
+def metastasis_call(probability: float, threshold: float, margin: float = 0.05) -> str:
+    """``"yes"``, ``"no"`` or ``"indeterminate"`` for a slide probability.
+
+    Probabilities within ``margin`` of ``threshold`` (``|p - t| < margin``) are indeterminate;
+    otherwise ``p >= t`` is ``"yes"``. ``margin=0`` gives the head's plain label.
+    """
+    if not np.isfinite(probability):
+        return "indeterminate"
+    if margin > 0 and abs(probability - threshold) < margin:
+        return "indeterminate"
+    return "yes" if probability >= threshold else "no"
+
+
+def size_category(largest_mm: float | None, *, tile_mm: float = 0.1) -> tuple[str, bool]:
+    """The AJCC/CAP category of a positive node from its largest deposit, and whether that is
+    low-confidence.
+
+    ``<= 0.2`` mm: ``"itc"``; ``> 0.2`` and ``<= 2`` mm: ``"micrometastasis"``; ``> 2`` mm:
+    ``"macrometastasis"``; None (no measurable deposit): ``"indeterminate"``. The size is measured
+    on tiles of side ``tile_mm``, so a size within ``tile_mm`` of a boundary (0.2 or 2 mm) is
+    flagged low-confidence: one tile more or less would change the category.
+    """
+    if largest_mm is None or not np.isfinite(largest_mm):
+        return "indeterminate", True
+    if largest_mm <= ITC_MAX_MM:
+        code = "itc"
+    elif largest_mm <= MICRO_MAX_MM:
+        code = "micrometastasis"
+    else:
+        code = "macrometastasis"
+    near = min(abs(largest_mm - ITC_MAX_MM), abs(largest_mm - MICRO_MAX_MM)) <= tile_mm
+    return code, bool(near)
+
+
+def _round(v: float | None, digits: int = 4) -> float | None:
+    if v is None or not np.isfinite(v):
+        return None
+    return round(float(v), digits)
+
+
+def _deposits(store: "ResultStore", scores: np.ndarray | None, tile_threshold: float,
+              mpp: tuple[float, float]) -> tuple[dict[str, Any], Any]:
+    """Tumour regions from the tile scores: foci, sizes, areas (mm, mm²)."""
+    from ..geojson import max_diameter, tumour_regions
+
+    grid = store.tile_grid()
+    tile_mm = float(grid.tile_size_level0[0]) * mpp[0] / 1000.0
+    out: dict[str, Any] = {"foci": 0, "largest_mm": None, "total_area_mm2": 0.0, "tile_threshold": tile_threshold,
+                           "tile_size_mm": round(tile_mm, 4), "tiles_above_threshold": 0, "regions": []}
+    if scores is None or not len(grid):
+        return out, None
+    scores = np.asarray(scores, np.float64)
+    out["tiles_above_threshold"] = int(np.count_nonzero(scores >= tile_threshold))
+    regions = tumour_regions(grid, scores, tile_threshold)
+    if regions.is_empty:
+        return out, regions
+    centres = grid.centres()
+    rows = []
+    import shapely
+
+    for polygon in regions.geoms:
+        inside = shapely.contains_xy(polygon.buffer(0.5), centres[:, 0], centres[:, 1])
+        rows.append({"max_diameter_mm": max_diameter(polygon, mpp) / 1000.0,
+                     "area_mm2": polygon.area * mpp[0] * mpp[1] / 1e6,
+                     "tiles": int(np.count_nonzero(inside & (scores >= tile_threshold))),
+                     "max_tile_score": float(scores[inside].max()) if inside.any() else None,
+                     "bbox_level0": [int(round(v)) for v in polygon.bounds]})
+    rows.sort(key=lambda r: -r["max_diameter_mm"])
+    for rank, r in enumerate(rows, 1):
+        r["rank"] = rank
+        r["max_diameter_mm"] = _round(r["max_diameter_mm"], 3)
+        r["area_mm2"] = _round(r["area_mm2"], 4)
+        r["max_tile_score"] = _round(r["max_tile_score"])
+    out.update(foci=len(rows), largest_mm=rows[0]["max_diameter_mm"],
+               total_area_mm2=_round(sum(r["area_mm2"] for r in rows), 4), regions=rows)
+    return out, regions
+
+
+def evidence_tiles(attention: np.ndarray | None, scores: np.ndarray | None, k: int) -> np.ndarray:
+    """Indices of the ``k`` tiles of highest attention (ties by tile score, then index), best
+    first; by tile score when there is no attention."""
+    key = attention if attention is not None else scores
+    if key is None or len(key) == 0:
+        return np.zeros(0, np.int64)
+    key = np.nan_to_num(np.asarray(key, np.float64), nan=-np.inf)
+    second = np.nan_to_num(np.asarray(scores, np.float64), nan=-np.inf) if scores is not None else np.zeros_like(key)
+    order = np.lexsort((np.arange(len(key)), -second, -key))
+    return order[: min(k, len(key))].astype(np.int64)
+
+
+def _tissue(store: "ResultStore", mpp: tuple[float, float]) -> tuple[float | None, float | None]:
+    """Tissue area (mm²) and fraction of the slide from the stored mask."""
+    raster = store.tissue_mask
+    if raster is None:
+        return None, None
+    scale = store.array_attrs("tissue_mask").get("level0_per_mask_px", [1.0, 1.0])
+    px = float(np.count_nonzero(raster))
+    area_mm2 = px * float(scale[0]) * float(scale[1]) * mpp[0] * mpp[1] / 1e6
+    return round(area_mm2, 4), round(px / max(1, raster.size), 4)
+
+
+def _ood_fraction(store: "ResultStore", reference: "EmbeddingReference", quantile: float) -> float | None:
+    """Fraction of the slide's tiles beyond ``reference``'s ``quantile`` distance, reading the
+    features in chunks so memory stays bounded."""
+    features = store.group["features"]
+    n = features.shape[0]
+    if n == 0:
+        return None
+    if features.shape[1] != reference.dim:
+        logger.warning("%s: features have D=%d but the embedding reference D=%d; OOD check skipped",
+                       store.path.name, features.shape[1], reference.dim)
+        return None
+    limit = reference.threshold(quantile)
+    step = max(1, (32 << 20) // (4 * features.shape[1]))
+    outside = 0
+    for start in range(0, n, step):
+        outside += int(np.count_nonzero(reference.distance(np.asarray(features[start:start + step])) > limit))
+    return outside / n
+
+
+def _tiling_mismatch(mil: dict[str, Any] | None, grid: dict[str, Any]) -> str | None:
+    """A message when the tiles differ from those the MIL head was trained on (resolution off by
+    more than 5 % or another tile size)."""
+    if not mil or not grid or not mil.get("target_mpp") or not mil.get("tile_px"):
+        return None
+    trained_mpp, trained_px = float(mil["target_mpp"]), int(mil["tile_px"])
+    mpp, px = float(grid["target_mpp"]), int(grid["tile_px"])
+    if abs(mpp - trained_mpp) / trained_mpp <= 0.05 and px == trained_px:
+        return None
+    return (f"Tiles are {px} px at {mpp:g} µm/px but the MIL head was trained on {trained_px} px at "
+            f"{trained_mpp:g} µm/px; its scores may not transfer.")
+
+
+def build_findings(store: "ResultStore", *, config: ReportConfig | None = None,
+                   reference: "EmbeddingReference | None" = None) -> dict[str, Any]:
+    """The structured findings of a slide (a JSON-ready dict; see ``schema.json``).
+
+    Parameters
+    ----------
+    store : ResultStore
+        The slide's results (:func:`wsiengine.open_result`), with a MIL prediction for a call.
+    config : ReportConfig, optional
+        Evidence count, the indeterminate band, QC limits.
+    reference : EmbeddingReference, optional
+        The MIL head's training embeddings; without it the OOD check is not run
+        (``qc.ood_fraction`` is null).
+
+    Returns
+    -------
+    dict
+        ``metastasis``, ``category``, ``deposits``, ``extranodal_extension``, ``evidence`` (without
+        images; :func:`wsiengine.report.make_report` adds them), ``qc``, ``second_opinion`` (null).
+    """
+    config = config or ReportConfig.from_env()
+    slide = store.slide
+    if not slide.get("mpp"):
+        raise ReportError(f"'{store.path.name}' records no slide resolution (mpp); rerun the slide with this wsiengine")
+    mpp = (float(slide["mpp"][0]), float(slide["mpp"][1]))
+    prediction = store.prediction
+    attention, scores = store.attention, store.tile_scores
+    n_tiles = store.n_tiles
+    tile_threshold = config.tile_threshold
+    if tile_threshold is None:
+        tile_threshold = float(store.config.get("tumour_threshold", 0.5))
+    flags: list[QCFlag] = []
+
+    if prediction is None:
+        call, probability, threshold = "indeterminate", None, None
+        reason = "no tissue tiles" if n_tiles == 0 else "no MIL head was run on this slide"
+        flags.append(QCFlag("no_prediction", f"No slide prediction: {reason}."))
+    else:
+        probability, threshold = float(prediction["probability"]), float(prediction["threshold"])
+        call = metastasis_call(probability, threshold, config.indeterminate_margin)
+    deposits, _ = _deposits(store, scores, tile_threshold, mpp)
+    tile_mm = deposits["tile_size_mm"]
+
+    low_confidence = False
+    note = ""
+    if call == "no":
+        code = "negative"
+        if deposits["foci"]:
+            flags.append(QCFlag("discordant_tiles", (
+                f"{deposits['tiles_above_threshold']} tile(s) score >= {tile_threshold:g} although the slide is called "
+                "negative; review them on the heatmap.")))
+    elif call == "yes":
+        code, low_confidence = size_category(deposits["largest_mm"], tile_mm=tile_mm)
+        if deposits["largest_mm"] is None:
+            note = (f"The slide is called positive but no tile scores >= {tile_threshold:g}, so no deposit can be "
+                    "measured.")
+        elif low_confidence:
+            note = (f"The largest deposit ({deposits['largest_mm']:.2f} mm) is within one tile ({tile_mm:.2f} mm) "
+                    "of a category boundary (0.2 or 2 mm).")
+    else:
+        code, low_confidence = "indeterminate", True
+        note = ("The slide probability is within the indeterminate band around the threshold." if prediction else
+                "There is no slide prediction.")
+    if code in ("itc", "micrometastasis", "macrometastasis"):
+        note = (note + " " if note else "") + (
+            f"Sizes are measured on {tile_mm:.3f} mm tiles (whole tiles), not on cells; ITC also counts "
+            "clusters of <= 200 cells, which tiles cannot count.")
+    category = CATEGORIES[code]
+
+    evidence = []
+    for rank, i in enumerate(evidence_tiles(attention, scores, config.top_k), 1):
+        x, y = (int(v) for v in store.coords[i])
+        w, h = (int(v) for v in store.grid["tile_size_level0"])
+        evidence.append({
+            "rank": rank, "tile_index": int(i), "x": x, "y": y, "width": w, "height": h,
+            "attention": _round(attention[i], 6) if attention is not None else None,
+            "attention_relative": _round(attention[i] / np.nanmax(attention), 4) if attention is not None else None,
+            "tile_score": _round(scores[i]) if scores is not None else None,
+            "image": None})
+
+    tissue_mm2, tissue_fraction = _tissue(store, mpp)
+    if n_tiles < config.min_tiles:
+        flags.append(QCFlag("few_tiles", f"Only {n_tiles} tissue tile(s) (fewer than {config.min_tiles}): the call "
+                                         "rests on little tissue."))
+    if tissue_mm2 is not None and tissue_mm2 < config.min_tissue_mm2:
+        flags.append(QCFlag("low_tissue", f"Tissue area {tissue_mm2:.2f} mm² is below {config.min_tissue_mm2:g} mm²."))
+    source = slide.get("mpp_source")
+    if source in ("user", "user-forced"):
+        flags.append(QCFlag("mpp_user", "The resolution (mpp) was given by the user, not read from the file; "
+                                        "sizes in mm depend on it."))
+    elif source == "tiff-resolution":
+        flags.append(QCFlag("mpp_tiff", "The resolution (mpp) comes from generic TIFF resolution tags, which "
+                                        "scanners do not always set correctly; check sizes in mm."))
+    ood = _ood_fraction(store, reference, config.ood_quantile) if reference is not None else None
+    if ood is not None and ood > config.ood_max_fraction:
+        flags.append(QCFlag("ood_embeddings", (
+            f"{ood:.0%} of tiles lie outside the MIL head's training embeddings (beyond their "
+            f"{config.ood_quantile:.0%} quantile): stain, tissue type or scanner may differ from training.")))
+    mismatch = _tiling_mismatch(store.mil, store.grid) if prediction is not None else None
+    if mismatch:
+        flags.append(QCFlag("tiling_mismatch", mismatch))
+    return {
+        "metastasis": {"call": call, "probability": _round(probability), "threshold": _round(threshold),
+                       "indeterminate_margin": config.indeterminate_margin},
+        "category": {"code": category.code, "name": category.name, "definition": category.definition,
+                     "low_confidence": bool(low_confidence), "note": note},
+        "deposits": deposits,
+        "extranodal_extension": EXTRANODAL_EXTENSION,
+        "evidence": evidence,
+        "qc": {"flags": [f.to_dict() for f in flags], "n_tiles": int(n_tiles), "tissue_area_mm2": tissue_mm2,
+               "tissue_fraction": tissue_fraction, "mpp": [round(mpp[0], 6), round(mpp[1], 6)],
+               "mpp_source": source, "ood_fraction": _round(ood), "ood_quantile": config.ood_quantile},
+        "second_opinion": None,
+    }
