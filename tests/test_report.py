@@ -530,3 +530,29 @@ def test_embeddings_only_pipeline_writes_no_report(tmp_path, cmu_small):
     res = Pipeline(mil=None).run(cmu_small, out=tmp_path)
     assert res.report is None and res.prediction is None
     assert not list(tmp_path.glob("*.report*"))
+
+
+def test_scattered_single_tile_foci_are_flagged(tmp_path):
+    singles = [(r, c, 1, 1) for r, c in ((1, 1), (1, 5), (1, 9), (5, 1), (5, 9), (9, 1))]
+    path = _store(tmp_path, _scores_with_blocks([(12, 12, 4, 4), *singles]), 0.9)
+    f = build_findings(open_result(path))
+    assert f["deposits"]["foci"] == 7 and f["category"]["code"] == "micrometastasis"
+    flags = {q["code"]: q["message"] for q in f["qc"]["flags"]}
+    assert flags["scattered_tiles"].startswith("6 of the 7 foci are single tiles")
+    fewer = build_findings(open_result(_store(tmp_path, _scores_with_blocks([(12, 12, 4, 4), *singles[:4]]), 0.9,
+                                              name="fewer")))
+    assert "scattered_tiles" not in [q["code"] for q in fewer["qc"]["flags"]]
+
+
+@pytest.mark.parametrize("probability, block", [(0.93, (2, 2, 3, 4)), (0.05, (2, 2, 1, 1)), (0.52, (2, 2, 2, 2)),
+                                                (0.95, (0, 0, 18, 18))])
+def test_template_narrative_passes_the_guard_with_every_flag(tmp_path, probability, block):
+    from wsiengine.report.guard import check_narrative
+    from wsiengine.report.render import FLAG_PHRASES
+
+    f = build_findings(open_result(_store(tmp_path, _scores_with_blocks([block]), probability)))
+    f["qc"]["flags"] = [{"code": code, "message": "x"} for code in FLAG_PHRASES]
+    reply = {"narrative": template_narrative(f), "metastasis": f["metastasis"]["call"],
+             "category": f["category"]["code"], "largest_deposit_mm": f["deposits"]["largest_mm"],
+             "foci": f["deposits"]["foci"]}
+    assert check_narrative(reply, f) == []

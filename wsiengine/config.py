@@ -345,6 +345,9 @@ class ReportConfig(_EnvConfig):
         ``tumour_threshold`` the store's pipeline used (0.5).
     min_tiles : int
         Fewer tissue tiles than this raises the ``few_tiles`` QC flag.
+    scattered_tiles : int
+        This many single-tile foci or more raise the ``scattered_tiles`` QC flag (isolated
+        positive tiles are often tile-classifier false positives).
     min_tissue_mm2 : float
         Less tissue than this (mm²) raises the ``low_tissue`` QC flag.
     ood_quantile : float
@@ -362,6 +365,7 @@ class ReportConfig(_EnvConfig):
     indeterminate_margin: float = 0.05
     tile_threshold: float | None = None
     min_tiles: int = 50
+    scattered_tiles: int = 5
     min_tissue_mm2: float = 1.0
     ood_quantile: float = 0.99
     ood_max_fraction: float = 0.25
@@ -375,8 +379,8 @@ class ReportConfig(_EnvConfig):
             raise ConfigError(f"indeterminate_margin must be in [0, 0.5), got {self.indeterminate_margin}")
         if self.tile_threshold is not None and not 0 <= self.tile_threshold <= 1:
             raise ConfigError(f"tile_threshold is a score in [0, 1], got {self.tile_threshold}")
-        if self.min_tiles < 0 or self.min_tissue_mm2 < 0:
-            raise ConfigError("min_tiles and min_tissue_mm2 must be >= 0")
+        if self.min_tiles < 0 or self.min_tissue_mm2 < 0 or self.scattered_tiles < 1:
+            raise ConfigError("min_tiles and min_tissue_mm2 must be >= 0, scattered_tiles >= 1")
         if not 0.5 <= self.ood_quantile < 1:
             raise ConfigError(f"ood_quantile must be in [0.5, 1), got {self.ood_quantile}")
         if not 0 <= self.ood_max_fraction <= 1:

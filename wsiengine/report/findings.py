@@ -278,6 +278,11 @@ def build_findings(store: "ResultStore", *, config: ReportConfig | None = None,
             "tile_score": _round(scores[i]) if scores is not None else None,
             "image": None})
 
+    singles = sum(1 for r in deposits["regions"] if r["tiles"] <= 1)
+    if call != "no" and singles >= config.scattered_tiles:
+        flags.append(QCFlag("scattered_tiles", (
+            f"{singles} of the {deposits['foci']} foci are single tiles: isolated positive tiles are often false "
+            "positives of the tile classifier, so the focus count is an upper bound; review them on the heatmap.")))
     tissue_mm2, tissue_fraction = _tissue(store, mpp)
     if n_tiles < config.min_tiles:
         flags.append(QCFlag("few_tiles", f"Only {n_tiles} tissue tile(s) (fewer than {config.min_tiles}): the call "

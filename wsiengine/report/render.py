@@ -13,6 +13,14 @@ from .guard import DISCLAIMER
 __all__ = ["template_narrative", "headline", "render_markdown"]
 
 _CALL_TEXT = {"yes": "YES", "no": "NO", "indeterminate": "INDETERMINATE"}
+#: How the template narrative names each QC flag.
+FLAG_PHRASES = {
+    "few_tiles": "few tissue tiles", "low_tissue": "little tissue", "mpp_user": "resolution given by the user",
+    "mpp_tiff": "resolution from generic TIFF tags", "ood_embeddings": "tissue unlike the training data",
+    "tiling_mismatch": "tiles unlike those of training", "evidence_unavailable": "evidence tiles unavailable",
+    "no_prediction": "no slide prediction", "discordant_tiles": "discordant tile scores",
+    "scattered_tiles": "scattered single-tile foci",
+}
 
 
 def _fmt(v: float | None, digits: int = 2) -> str:
@@ -67,7 +75,8 @@ def template_narrative(findings: dict[str, Any]) -> str:
     sentences.append(f"Extranodal extension is {findings.get('extranodal_extension', 'not assessed')}.")
     flags = findings.get("qc", {}).get("flags") or []
     if flags:
-        sentences.append("Quality flags: " + "; ".join(f["code"].replace("_", " ") for f in flags) + ".")
+        sentences.append("Quality flags: " + "; ".join(FLAG_PHRASES.get(f["code"], f["code"].replace("_", " "))
+                                                       for f in flags) + ".")
     return " ".join(sentences)
 
 
