@@ -138,7 +138,7 @@ def test_slide_id_in_the_reply_is_rejected(findings):
     reply = {**good_reply(findings), "narrative": "Micrometastasis in slide PATIENT_JONES_17."}
     with FakeVLMServer("good", reply=reply) as server:
         narration = client(server).narrate(findings, forbidden_strings=["other_name.tif"])
-    assert not narration.accepted and narration.flags == ["vlm_contradiction"]
+    assert not narration.accepted and narration.flags == ["vlm_identifier"]
     assert narration.violations == ["identifier: the narrative contains 'patient_jones_17'"]
 
 

@@ -50,7 +50,7 @@ logger = logging.getLogger("wsiengine")
 
 #: Flag codes a :class:`Narration` can carry.
 FLAGS = ("vlm_timeout", "vlm_http_error", "vlm_connection_error", "vlm_malformed", "vlm_contradiction",
-         "vlm_treatment_advice", "vlm_text_only")
+         "vlm_treatment_advice", "vlm_identifier", "vlm_text_only")
 
 _RETRY_STATUS = frozenset({429, 500, 502, 503, 504})
 _IMAGE_REJECT_STATUS = frozenset({400, 415, 422, 500, 501})
@@ -625,7 +625,9 @@ class VLMClient:
         kinds = {violation_kind(v) for v in violations}
         if "treatment advice" in kinds:
             narration.flags.append("vlm_treatment_advice")
-        if kinds - {"treatment advice"}:
+        if "identifier" in kinds:
+            narration.flags.append("vlm_identifier")
+        if kinds - {"treatment advice", "identifier"}:
             narration.flags.append("vlm_contradiction")
         if violations:
             logger.warning("VLM narrative rejected: %s", "; ".join(violations))
