@@ -255,7 +255,7 @@ def _reference_line(r: dict | None) -> str:
             f"components and distance quantiles of the {r['n_tiles']:,} training-slide tile embeddings, for the "
             f"out-of-distribution check (`MILHead.reference`); beyond its 0.99 quantile lie "
             f"{r['test_tiles']:.1%} of the mosaic test tiles and {r['featureless']:.0%} of solid-colour and noise "
-            "patches.")
+            "patches (`python -m wsiengine.models.train_default_mil --reference-only`).")
     return textwrap.fill(line, width=100, subsequent_indent="  ", break_on_hyphens=False) + "\n"
 
 

@@ -42,7 +42,7 @@ from .errors import ConfigError, ModelError
 from .ood import EmbeddingReference
 
 __all__ = ["SlidePrediction", "MILHead", "HEAD_FORMAT", "HEAD_FORMAT_VERSION", "MODEL_NAME", "CONFIG_NAME",
-           "REFERENCE_NAME", "DEFAULT_HEAD", "default_head_path"]
+           "REFERENCE_NAME", "DEFAULT_HEAD", "default_head_path", "tiling_differences"]
 
 logger = logging.getLogger("wsiengine")
 
@@ -66,6 +66,19 @@ def default_head_path() -> Path:
     from importlib import resources
 
     return Path(str(resources.files("wsiengine.models").joinpath(DEFAULT_HEAD)))
+
+
+def tiling_differences(trained_mpp: float | None, trained_px: int | None, target_mpp: float | None,
+                       tile_px: int | None) -> list[str]:
+    """How a tiling (``target_mpp`` µm/px, ``tile_px`` pixels) differs from the one a head was
+    trained on by more than 10 %: one phrase per difference, empty when they agree or a value is
+    unknown."""
+    problems = []
+    if trained_mpp and target_mpp and abs(float(target_mpp) / float(trained_mpp) - 1) > 0.10:
+        problems.append(f"{float(target_mpp):.3g} µm/px instead of {float(trained_mpp):.3g}")
+    if trained_px and tile_px and abs(int(tile_px) / int(trained_px) - 1) > 0.10:
+        problems.append(f"{int(tile_px)}-px tiles instead of {int(trained_px)}")
+    return problems
 
 
 @dataclass(frozen=True, eq=False)
@@ -233,11 +246,7 @@ class MILHead:
     def tiling_mismatch(self, target_mpp: float | None, tile_px: int | None) -> str | None:
         """A warning when features tiled at ``target_mpp`` (µm/px) with ``tile_px`` pixels differ
         from the tiling the head was trained on by more than 10 %; None when they agree or either is unknown."""
-        problems = []
-        if self.target_mpp and target_mpp and abs(target_mpp / self.target_mpp - 1) > 0.10:
-            problems.append(f"{target_mpp:.3g} µm/px instead of {self.target_mpp:.3g}")
-        if self.tile_px and tile_px and abs(tile_px / self.tile_px - 1) > 0.10:
-            problems.append(f"{tile_px}-px tiles instead of {self.tile_px}")
+        problems = tiling_differences(self.target_mpp, self.tile_px, target_mpp, tile_px)
         if not problems:
             return None
         return (f"the MIL head {self.name!r} was trained on tiles of {self.tile_px} px at {self.target_mpp:.3g} µm/px; "

@@ -53,6 +53,8 @@ __all__ = [
     "TILE_CLASS",
     "CLASS_COLOURS",
     "make_valid_geometry",
+    "RegionMeasurement",
+    "region_measurements",
     "tissue_features",
     "tumour_regions",
     "region_features",
@@ -364,6 +366,48 @@ def region_features(regions: BaseGeometry, mpp: tuple[float, float] | float, *, 
     id_namespace : str, optional
         Makes feature ids deterministic.
     """
+    features = []
+    for k, m in enumerate(region_measurements(regions, mpp, grid=grid, scores=scores)):
+        meas: dict[str, Any] = {"Area mm^2": m.area_mm2, "Max diameter mm": m.max_diameter_mm}
+        if m.tiles is not None:
+            meas["Tiles"] = int(m.tiles.size)
+            if m.max_tile_score is not None:
+                meas["Mean tile score"] = m.mean_tile_score
+                meas["Max tile score"] = m.max_tile_score
+        features.append(_feature(_geometry_json([m.polygon]), "annotation", classification=name, colour=colour,
+                                 name=f"{name} region {k + 1}", measurements=meas,
+                                 fid=_feature_id(id_namespace, f"region-{name}", k)))
+    return features
+
+
+@dataclass(frozen=True, eq=False)
+class RegionMeasurement:
+    """One region polygon and its measurements (what :func:`region_features` and slide reports show).
+
+    Attributes
+    ----------
+    polygon : shapely.Polygon
+        Level-0 pixels (vertices on the 0.01-px grid of the GeoJSON export).
+    area_mm2, max_diameter_mm : float
+        Area and greatest dimension (between convex-hull vertices).
+    tiles : (K,) int64 or None
+        Grid rows whose centres lie inside or on the edge (with a grid and scores).
+    mean_tile_score, max_tile_score : float or None
+        Over those tiles' finite scores.
+    """
+
+    polygon: Polygon
+    area_mm2: float
+    max_diameter_mm: float
+    tiles: np.ndarray | None = None
+    mean_tile_score: float | None = None
+    max_tile_score: float | None = None
+
+
+def region_measurements(regions: BaseGeometry, mpp: tuple[float, float] | float, *, grid: TileGrid | None = None,
+                        scores: np.ndarray | None = None) -> list[RegionMeasurement]:
+    """Measure each polygon of ``regions`` (level-0 px) at level-0 ``mpp`` µm/px; with ``grid`` and
+    ``scores``, also the tiles whose centres fall inside (a spatial index: O(N log R), not O(N R))."""
     mpp_xy = _mpp_xy(mpp)
     polygons = _snap(regions)
     tiles_in: list[np.ndarray] | None = None
@@ -372,25 +416,18 @@ def region_features(regions: BaseGeometry, mpp: tuple[float, float] | float, *, 
         s = np.asarray(scores, np.float64).reshape(-1)
         if s.shape[0] != len(grid):
             raise ValueError(f"scores has {s.shape[0]} values but the grid has {len(grid)} tiles; pass one score per tile")
-        # Which tile centres fall in which polygon, through a spatial index (O(N log R), not O(N R)).
         tiles_in = _points_in(polygons, grid.centres())
-    features = []
+    out = []
     for k, polygon in enumerate(polygons):
-        meas: dict[str, Any] = {
-            "Area mm^2": _mm2(polygon.area, mpp_xy),
-            "Max diameter mm": max_diameter(polygon, mpp_xy) / 1000.0,
-        }
+        m = RegionMeasurement(polygon, _mm2(polygon.area, mpp_xy), max_diameter(polygon, mpp_xy) / 1000.0)
         if tiles_in is not None:
             inside = tiles_in[k]
-            meas["Tiles"] = int(inside.size)
-            inside_scores = s[inside][np.isfinite(s[inside])]
-            if inside_scores.size:
-                meas["Mean tile score"] = float(inside_scores.mean())
-                meas["Max tile score"] = float(inside_scores.max())
-        features.append(_feature(_geometry_json([polygon]), "annotation", classification=name, colour=colour,
-                                 name=f"{name} region {k + 1}", measurements=meas,
-                                 fid=_feature_id(id_namespace, f"region-{name}", k)))
-    return features
+            finite = s[inside][np.isfinite(s[inside])]
+            m = RegionMeasurement(polygon, m.area_mm2, m.max_diameter_mm, inside,
+                                  float(finite.mean()) if finite.size else None,
+                                  float(finite.max()) if finite.size else None)
+        out.append(m)
+    return out
 
 
 def _points_in(polygons: Sequence[Polygon], xy: np.ndarray) -> list[np.ndarray]:

@@ -213,9 +213,9 @@ class Pipeline:
             return None
         from .report import report_key
 
-        reference = getattr(self.mil, "reference", None) if self.mil is not None else None
+        reference = self.mil.reference  # reports exist only with a head
         return report_key(self.report_config, self.vlm, self.tile_bank_path,
-                          getattr(reference, "source", None) if reference is not None else None)
+                          reference.source if reference is not None else None)
 
     def write_report(self, store: Any, out: str | os.PathLike[str], *, slide: Slide | str | os.PathLike[str] | None = None,
                      slide_id: str | None = None) -> Path:
@@ -223,9 +223,8 @@ class Pipeline:
         pipeline's report settings; returns ``SLIDE_ID.report.json``."""
         from .report import make_report
 
-        reference = getattr(self.mil, "reference", None) if self.mil is not None else None
         rep = make_report(store, out, config=self.report_config, vlm=self.vlm_client or self.vlm, slide=slide,
-                          reference=reference, tile_bank=self.tile_bank, slide_id=slide_id,
+                          reference=self.mil.reference, tile_bank=self.tile_bank, slide_id=slide_id,
                           key=self.report_key())
         assert rep.json_path is not None
         return rep.json_path

@@ -77,7 +77,8 @@ def slide_fingerprint(path: str | os.PathLike[str]) -> str:
     return "sha256s:" + digest.hexdigest()
 
 
-def _engine_version() -> str:
+def engine_version() -> str:
+    """The installed wsiengine version, recorded in stores and reports."""
     from importlib.metadata import PackageNotFoundError, version
 
     try:
@@ -118,7 +119,7 @@ class FeatureWriter:
             self.group = zarr.open_group(str(self.partial), mode="w", zarr_format=3)
             self.group.attrs.update({
                 "schema_version": SCHEMA_VERSION,
-                "engine_version": _engine_version(),
+                "engine_version": engine_version(),
                 "complete": False,
                 "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
                 "n_tiles": self.n,

@@ -35,6 +35,7 @@ from ..config import ReportConfig, VLMConfig
 from ..errors import ReportError
 from .findings import CATEGORIES, build_findings, metastasis_call, size_category
 from .guard import DISCLAIMER
+from .images import evidence_images, heatmap_image, open_slide_for_evidence, save_png, thumbnail_image
 from .render import headline, render_markdown, template_narrative
 from .second_opinion import TileBank, second_opinion
 
@@ -115,8 +116,9 @@ def validate_report(document: dict[str, Any]) -> None:
 
 
 def _load_reference(store: "ResultStore") -> "EmbeddingReference | None":
-    """The embedding reference of the store's MIL head (``reference.npz`` in its folder), if any."""
-    from ..aggregate import default_head_path
+    """The embedding reference of the store's MIL head (``reference.npz`` in its folder), if any,
+    read without loading the head's ONNX session."""
+    from ..aggregate import REFERENCE_NAME, default_head_path
     from ..ood import EmbeddingReference
 
     mil = store.mil or {}
@@ -124,105 +126,9 @@ def _load_reference(store: "ResultStore") -> "EmbeddingReference | None":
     if mil.get("name") == "default":
         folders.append(default_head_path())
     for folder in folders:
-        if (folder / "reference.npz").is_file():
-            return EmbeddingReference.load(folder / "reference.npz")
+        if (folder / REFERENCE_NAME).is_file():
+            return EmbeddingReference.load(folder / REFERENCE_NAME)
     return None
-
-
-def _open_slide_for_evidence(store: "ResultStore", slide: "Slide | str | os.PathLike[str] | None"
-                             ) -> tuple["Slide | None", bool, str | None]:
-    """The slide to read evidence tiles from: (slide, opened here, reason it is unavailable)."""
-    from ..slide import Slide, open_slide
-    from ..store import slide_fingerprint
-
-    if isinstance(slide, Slide):
-        return slide, False, None
-    info = store.slide
-    path = Path(slide) if slide is not None else Path(info.get("path", ""))
-    if not info.get("path") and slide is None:
-        return None, False, "the store records no slide path"
-    if not path.exists():
-        return None, False, f"slide '{path.name}' is not at its recorded path; pass slide= (--slide) to make tiles"
-    expected = info.get("fingerprint")
-    if expected and slide_fingerprint(path) != expected:
-        return None, False, f"'{path.name}' is not the file the store was made from (its content differs)"
-    try:
-        return open_slide(path, mpp=tuple(info["mpp"]) if info.get("mpp") else None), True, None
-    except Exception as exc:  # noqa: BLE001 - any open failure only costs the evidence images
-        return None, False, f"cannot open '{path.name}': {exc}"
-
-
-def _upscale(image: np.ndarray, min_px: int) -> np.ndarray:
-    factor = int(np.ceil(min_px / max(1, min(image.shape[:2]))))
-    return image if factor <= 1 else np.repeat(np.repeat(image, factor, axis=0), factor, axis=1)
-
-
-def _save_png(path: Path, image: np.ndarray) -> None:
-    from PIL import Image
-
-    Image.fromarray(np.ascontiguousarray(image)).save(path, format="PNG")
-
-
-def _evidence_images(slide: "Slide", store: "ResultStore", evidence: list[dict[str, Any]], assets: Path,
-                     config: ReportConfig) -> list[Path]:
-    """Read each evidence tile from the slide's pyramid (never its label or macro image) and
-    save it as ``evidence-NN.png``."""
-    grid = store.grid
-    mpp = float(config.evidence_mpp or grid["target_mpp"])
-    size_px = max(1, int(round(int(grid["tile_px"]) * float(grid["target_mpp"]) / mpp)))
-    paths = []
-    for e in evidence:
-        tile = slide.read_at_mpp((e["x"], e["y"]), (size_px, size_px), mpp, allow_upsample=True)
-        path = assets / f"evidence-{e['rank']:02d}.png"
-        _save_png(path, _upscale(tile, config.evidence_px))
-        paths.append(path)
-    return paths
-
-
-def _thumbnail_image(store: "ResultStore", evidence: list[dict[str, Any]], min_px: int = 512) -> np.ndarray | None:
-    """The stored thumbnail (pyramid-derived) with the evidence tiles outlined and numbered."""
-    from PIL import Image, ImageDraw
-
-    thumb = store.thumbnail
-    if thumb is None:
-        return None
-    factor = max(1, int(np.ceil(min_px / max(1, max(thumb.shape[:2])))))
-    image = Image.fromarray(_upscale(thumb, min(thumb.shape[:2]) * factor))
-    scale = store.array_attrs("thumbnail").get("level0_per_px", [1.0, 1.0])
-    sx, sy = float(scale[0]) / factor, float(scale[1]) / factor
-    from ..heatmap import _font
-
-    draw = ImageDraw.Draw(image)
-    font = _font(14)
-    for e in evidence:
-        x0, y0 = e["x"] / sx, e["y"] / sy
-        x1, y1 = (e["x"] + e["width"]) / sx, (e["y"] + e["height"]) / sy
-        draw.rectangle([x0, y0, max(x0 + 2, x1), max(y0 + 2, y1)], outline=(0, 90, 255), width=2)
-        box = draw.textbbox((x1 + 2, y0), str(e["rank"]), font=font)
-        draw.rectangle([box[0] - 1, box[1] - 1, box[2] + 1, box[3] + 1], fill=(255, 255, 255))
-        draw.text((x1 + 2, y0), str(e["rank"]), fill=(0, 40, 160), font=font)
-    return np.asarray(image)
-
-
-def _heatmap_image(store: "ResultStore", min_px: int = 512) -> np.ndarray | None:
-    from ..heatmap import read_heatmap, render_overlay
-
-    names = store.heatmap_names()
-    name = "tile_scores" if "tile_scores" in names else ("attention" if "attention" in names else None)
-    thumb = store.thumbnail
-    if name is None or thumb is None:
-        return None
-    factor = max(1, int(np.ceil(min_px / max(1, max(thumb.shape[:2])))))
-    scale = store.array_attrs("thumbnail").get("level0_per_px", [1.0, 1.0])
-    return render_overlay(_upscale(thumb, min(thumb.shape[:2]) * factor),
-                          (float(scale[0]) / factor, float(scale[1]) / factor), read_heatmap(store.group, name),
-                          label="tumour probability" if name == "tile_scores" else "attention (relative)")
-
-
-def _engine_version() -> str:
-    from ..store import _engine_version as version
-
-    return version()
 
 
 def make_report(store: "str | os.PathLike[str] | ResultStore", out_dir: str | os.PathLike[str] | None = None, *,
@@ -312,10 +218,10 @@ def make_report(store: "str | os.PathLike[str] | ResultStore", out_dir: str | os
             if tmp.exists():
                 shutil.rmtree(tmp)
             (tmp / "assets").mkdir(parents=True)
-            slide_obj, opened, why = _open_slide_for_evidence(result, slide) if evidence else (None, False, None)
+            slide_obj, opened, why = open_slide_for_evidence(result, slide) if evidence else (None, False, None)
             try:
                 if slide_obj is not None:
-                    evidence_paths = _evidence_images(slide_obj, result, evidence, tmp / "assets", config)
+                    evidence_paths = evidence_images(slide_obj, result, evidence, tmp / "assets", config)
                     for e, p in zip(evidence, evidence_paths):
                         e["image"] = f"{assets_name}/{p.name}"
                     images["evidence"] = [e["image"] for e in evidence]
@@ -325,9 +231,9 @@ def make_report(store: "str | os.PathLike[str] | ResultStore", out_dir: str | os
             finally:
                 if opened:
                     slide_obj.close()
-            for name, image in (("thumbnail", _thumbnail_image(result, evidence)), ("heatmap", _heatmap_image(result))):
+            for name, image in (("thumbnail", thumbnail_image(result, evidence)), ("heatmap", heatmap_image(result))):
                 if image is not None:
-                    _save_png(tmp / "assets" / f"{name}.png", image)
+                    save_png(tmp / "assets" / f"{name}.png", image)
                     images[name] = f"{assets_name}/{name}.png"
 
         narrative = {"text": template_narrative(findings), "source": "template", "vlm": None}
@@ -361,6 +267,8 @@ def make_report(store: "str | os.PathLike[str] | ResultStore", out_dir: str | os
 
 def _document(result: "ResultStore", sid: str, findings: dict[str, Any], narrative: dict[str, Any],
               flags: list[str], images: dict[str, Any], key: str) -> dict[str, Any]:
+    from ..store import engine_version
+
     info, mil, enc = result.slide, result.mil or {}, result.encoder
     return {
         "format": REPORT_FORMAT,
@@ -374,7 +282,7 @@ def _document(result: "ResultStore", sid: str, findings: dict[str, Any], narrati
         "flags": flags,
         "images": images,
         "provenance": {
-            "engine_version": _engine_version(),
+            "engine_version": engine_version(),
             "store": f"{sid}.zarr",
             "store_created": result.attrs.get("created"),
             "config_key": result.attrs.get("config_key"),

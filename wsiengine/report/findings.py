@@ -106,41 +106,29 @@ def _round(v: float | None, digits: int = 4) -> float | None:
 
 
 def _deposits(store: "ResultStore", scores: np.ndarray | None, tile_threshold: float,
-              mpp: tuple[float, float]) -> tuple[dict[str, Any], Any]:
-    """Tumour regions from the tile scores: foci, sizes, areas (mm, mm²)."""
-    from ..geojson import max_diameter, tumour_regions
+              mpp: tuple[float, float]) -> dict[str, Any]:
+    """Tumour regions from the tile scores (as in the GeoJSON): foci, sizes, areas (mm, mm²)."""
+    from ..geojson import region_measurements, tumour_regions
 
     grid = store.tile_grid()
     tile_mm = float(grid.tile_size_level0[0]) * mpp[0] / 1000.0
     out: dict[str, Any] = {"foci": 0, "largest_mm": None, "total_area_mm2": 0.0, "tile_threshold": tile_threshold,
                            "tile_size_mm": round(tile_mm, 4), "tiles_above_threshold": 0, "regions": []}
     if scores is None or not len(grid):
-        return out, None
+        return out
     scores = np.asarray(scores, np.float64)
     out["tiles_above_threshold"] = int(np.count_nonzero(scores >= tile_threshold))
-    regions = tumour_regions(grid, scores, tile_threshold)
-    if regions.is_empty:
-        return out, regions
-    centres = grid.centres()
-    rows = []
-    import shapely
-
-    for polygon in regions.geoms:
-        inside = shapely.contains_xy(polygon.buffer(0.5), centres[:, 0], centres[:, 1])
-        rows.append({"max_diameter_mm": max_diameter(polygon, mpp) / 1000.0,
-                     "area_mm2": polygon.area * mpp[0] * mpp[1] / 1e6,
-                     "tiles": int(np.count_nonzero(inside & (scores >= tile_threshold))),
-                     "max_tile_score": float(scores[inside].max()) if inside.any() else None,
-                     "bbox_level0": [int(round(v)) for v in polygon.bounds]})
-    rows.sort(key=lambda r: -r["max_diameter_mm"])
-    for rank, r in enumerate(rows, 1):
-        r["rank"] = rank
-        r["max_diameter_mm"] = _round(r["max_diameter_mm"], 3)
-        r["area_mm2"] = _round(r["area_mm2"], 4)
-        r["max_tile_score"] = _round(r["max_tile_score"])
+    measured = region_measurements(tumour_regions(grid, scores, tile_threshold), mpp, grid=grid, scores=scores)
+    if not measured:
+        return out
+    measured.sort(key=lambda m: -m.max_diameter_mm)
+    rows = [{"rank": rank, "max_diameter_mm": _round(m.max_diameter_mm, 3), "area_mm2": _round(m.area_mm2, 4),
+             "tiles": int(np.count_nonzero(scores[m.tiles] >= tile_threshold)),
+             "max_tile_score": _round(m.max_tile_score), "bbox_level0": [int(round(v)) for v in m.polygon.bounds]}
+            for rank, m in enumerate(measured, 1)]
     out.update(foci=len(rows), largest_mm=rows[0]["max_diameter_mm"],
                total_area_mm2=_round(sum(r["area_mm2"] for r in rows), 4), regions=rows)
-    return out, regions
+    return out
 
 
 def evidence_tiles(attention: np.ndarray | None, scores: np.ndarray | None, k: int) -> np.ndarray:
@@ -186,16 +174,17 @@ def _ood_fraction(store: "ResultStore", reference: "EmbeddingReference", quantil
 
 
 def _tiling_mismatch(mil: dict[str, Any] | None, grid: dict[str, Any]) -> str | None:
-    """A message when the tiles differ from those the MIL head was trained on (resolution off by
-    more than 5 % or another tile size)."""
-    if not mil or not grid or not mil.get("target_mpp") or not mil.get("tile_px"):
+    """A message when the tiles differ from those the MIL head was trained on (by the head's own
+    rule, :func:`wsiengine.aggregate.tiling_differences`)."""
+    from ..aggregate import tiling_differences
+
+    if not mil or not grid:
         return None
-    trained_mpp, trained_px = float(mil["target_mpp"]), int(mil["tile_px"])
-    mpp, px = float(grid["target_mpp"]), int(grid["tile_px"])
-    if abs(mpp - trained_mpp) / trained_mpp <= 0.05 and px == trained_px:
+    trained_mpp, trained_px = mil.get("target_mpp"), mil.get("tile_px")
+    if not tiling_differences(trained_mpp, trained_px, grid.get("target_mpp"), grid.get("tile_px")):
         return None
-    return (f"Tiles are {px} px at {mpp:g} µm/px but the MIL head was trained on {trained_px} px at "
-            f"{trained_mpp:g} µm/px; its scores may not transfer.")
+    return (f"Tiles are {int(grid['tile_px'])} px at {float(grid['target_mpp']):g} µm/px but the MIL head was trained "
+            f"on {int(trained_px)} px at {float(trained_mpp):g} µm/px; its scores may not transfer.")
 
 
 def build_findings(store: "ResultStore", *, config: ReportConfig | None = None,
@@ -238,7 +227,7 @@ def build_findings(store: "ResultStore", *, config: ReportConfig | None = None,
     else:
         probability, threshold = float(prediction["probability"]), float(prediction["threshold"])
         call = metastasis_call(probability, threshold, config.indeterminate_margin)
-    deposits, _ = _deposits(store, scores, tile_threshold, mpp)
+    deposits = _deposits(store, scores, tile_threshold, mpp)
     tile_mm = deposits["tile_size_mm"]
 
     low_confidence = False
