@@ -6,7 +6,7 @@
 A bag holds 5-15 8x8 handwritten digits (64 pixel features in [0, 1]) and is positive iff it
 holds a 9; train and test bags draw from disjoint digit pools
 (:func:`wsiengine.testing.digits_bags.make_digits_bags`). Each head trains through the real
-:func:`wsiengine.models.mil_train.train_mil` loop (class-balanced sampling, early stopping and
+:func:`wsiengine.models.training.mil_train.train_mil` loop (class-balanced sampling, early stopping and
 threshold on 20 % of the training bags held out for validation), is evaluated on the test
 bags, and its ONNX export is checked against torch. Printed: test AUC mean ± sd over seeds
 (the issue's bar is >= 0.95; ``tests/test_mil_train.py`` asserts it for seed 0), balanced
@@ -39,10 +39,10 @@ def main(argv: list[str] | None = None) -> int:
 
     from wsiengine import MILHead
     from wsiengine.config import MILTrainConfig
-    from wsiengine.models.mil_data import FeatureBags, Split
-    from wsiengine.models.mil_export import save_mil_head
-    from wsiengine.models.mil_metrics import roc_auc
-    from wsiengine.models.mil_train import train_mil
+    from wsiengine.models.training.mil_data import FeatureBags, Split
+    from wsiengine.models.training.mil_export import save_mil_head
+    from wsiengine.models.training.mil_metrics import roc_auc
+    from wsiengine.models.training.mil_train import train_mil
     from wsiengine.testing.digits_bags import make_digits_bags
 
     results: dict[str, list[tuple[float, float, float, float]]] = {m: [] for m in args.models}

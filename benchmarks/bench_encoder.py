@@ -60,19 +60,19 @@ def main(argv: list[str] | None = None) -> int:
         if not args.skip_torch or spec.onnx_file is None:
             import torch
 
-            from wsiengine.models.build import build_encoder
+            from wsiengine.models.training.build import build_encoder
 
             torch.set_num_threads(args.threads)
             weights = args.weights
             if weights is None and spec.name == "default":  # the same weights as the shipped ONNX
-                from wsiengine.models.architectures.efficientnet_lite import default_checkpoint_path
+                from wsiengine.models.training.architectures.efficientnet_lite import default_checkpoint_path
 
                 weights = default_checkpoint_path()
             model = build_encoder(spec, weights=weights)
         if spec.onnx_file is not None and args.weights is None:
             encoder = Encoder.load(spec.name, providers=args.providers, threads=args.threads)
         else:
-            from wsiengine.models.export import export_encoder_onnx
+            from wsiengine.models.training.export import export_encoder_onnx
 
             onnx_path = Path(tmp) / f"{spec.name}.onnx"
             export_encoder_onnx(spec, onnx_path, model=model, verify=False)

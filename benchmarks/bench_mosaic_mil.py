@@ -14,7 +14,7 @@ bootstrap CI, balanced accuracy / sensitivity / specificity at the validation th
 how often the most attended tile of a positive test slide lies inside its lesion (chance: the
 lesion's share of the slide's tiles, printed beside it). The shipped ``default`` head is
 scored on the same test slides for comparison; when ``--work`` is the folder
-``python -m wsiengine.models.train_default_mil`` used, its slides are the ones it was trained
+``python -m wsiengine.models.training.train_default_mil`` used, its slides are the ones it was trained
 and tested on.
 """
 
@@ -49,8 +49,8 @@ def main(argv: list[str] | None = None) -> int:
 
     from wsiengine import Encoder, MILHead
     from wsiengine.cli import main as cli
-    from wsiengine.models.mil_metrics import binary_metrics, bootstrap_auc_ci
-    from wsiengine.models.train_default_mil import embed_slides, prepare_split
+    from wsiengine.models.training.mil_metrics import binary_metrics, bootstrap_auc_ci
+    from wsiengine.models.training.train_default_mil import embed_slides, prepare_split
     from wsiengine.store import read_features
 
     if not args.pcam.is_dir():

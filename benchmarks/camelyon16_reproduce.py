@@ -196,7 +196,7 @@ def _slide_files(folder: Path) -> dict[str, Path]:
 
 
 def _label_word(text: str) -> int | None:
-    from wsiengine.models.mil_data import NEGATIVE_NAMES, POSITIVE_NAMES
+    from wsiengine.models.training.mil_data import NEGATIVE_NAMES, POSITIVE_NAMES
 
     word = text.strip().lower()
     return NORMAL if word in NEGATIVE_NAMES else TUMOR if word in POSITIVE_NAMES else None
@@ -459,7 +459,7 @@ def make_splits(train_ids: Sequence[str], train_labels: Sequence[int], test_ids:
                 seed: int) -> list[Any]:
     """Split k validates on fold k of a seeded stratified partition of the training slides,
     trains on the other folds, and tests on the official test slides."""
-    from wsiengine.models.mil_data import Split
+    from wsiengine.models.training.mil_data import Split
     from wsiengine.errors import TrainingDataError
 
     y = np.asarray(train_labels, dtype=np.int64)
@@ -512,7 +512,7 @@ def summarise(result: Any, records: Sequence[SlideRecord], cohort: Cohort, *, en
               config: Any, args: argparse.Namespace, target_mpp: float, tile_px: int,
               seconds: dict[str, float]) -> dict[str, Any]:
     """results.json: per split and ensemble test metrics next to the anchors, with provenance."""
-    from wsiengine.models.mil_metrics import binary_metrics, bootstrap_auc_ci, roc_auc
+    from wsiengine.models.training.mil_metrics import binary_metrics, bootstrap_auc_ci, roc_auc
 
     folds = []
     test_probs: dict[str, list[float]] = {}
@@ -717,8 +717,8 @@ def _run(args: argparse.Namespace, say: Callable[[str], None], progress: bool) -
 
     try:
         from wsiengine.config import MILTrainConfig
-        from wsiengine.models.mil_data import FeatureBags, write_splits_csv
-        from wsiengine.models.mil_train import train_mil
+        from wsiengine.models.training.mil_data import FeatureBags, write_splits_csv
+        from wsiengine.models.training.mil_train import train_mil
     except ImportError as exc:
         print(f"error: MIL training needs torch, onnx and matplotlib (pip install 'wsiengine[train]'): {exc}",
               file=sys.stderr)

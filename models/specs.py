@@ -33,7 +33,7 @@ class EncoderSpec:
     name : str
         Registry name (``"default"``, ``"uni"``, ...).
     architecture : str
-        Builder key in :mod:`wsiengine.models.build` (torch, for export only).
+        Builder key in :mod:`wsiengine.models.training.build` (torch, for export only).
     input_px : int
         Side of the square image the network takes, pixels.
     resize : {"resize", "center-crop"}

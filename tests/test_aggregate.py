@@ -25,8 +25,8 @@ ENCODER = "efficientnet-lite0"
 def head_dir(tmp_path_factory) -> Path:
     """An ABMIL head for 1280-d features, exported with save_mil_head (random weights, seed 0)."""
     torch = pytest.importorskip("torch", reason="exporting a test head needs torch (the [train] extra)")
-    from wsiengine.models.mil import ABMIL
-    from wsiengine.models.mil_export import save_mil_head
+    from wsiengine.models.training.mil import ABMIL
+    from wsiengine.models.training.mil_export import save_mil_head
 
     torch.manual_seed(0)
     out = tmp_path_factory.mktemp("mil") / "head"
@@ -70,7 +70,7 @@ def test_single_tile_bag_and_float64_input(head):
 
 def test_predict_matches_torch(head_dir, head):
     torch = pytest.importorskip("torch")
-    from wsiengine.models.mil import ABMIL
+    from wsiengine.models.training.mil import ABMIL
 
     torch.manual_seed(0)
     model = ABMIL(IN_DIM).eval()  # the same seed-0 weights as the fixture

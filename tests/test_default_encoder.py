@@ -35,7 +35,7 @@ CATS = {281, 282, 283, 284, 285}
 
 def shipped_onnx() -> Path:
     path = Path(str(importlib.resources.files("wsiengine.models") / SPEC.onnx_file))
-    assert path.is_file(), f"the default encoder's ONNX file is missing: {path} (python -m wsiengine.models.make_default_onnx)"
+    assert path.is_file(), f"the default encoder's ONNX file is missing: {path} (python -m wsiengine.models.training.make_default_onnx)"
     return path
 
 
@@ -54,7 +54,7 @@ def pcam_patches(per_label: int) -> tuple[np.ndarray, list[str]]:
 
 
 def normalise(images: np.ndarray) -> np.ndarray:
-    from wsiengine.models.make_default_onnx import normalise as _normalise
+    from wsiengine.models.training.make_default_onnx import normalise as _normalise
 
     return _normalise(images, SPEC.mean, SPEC.std)
 
@@ -143,7 +143,7 @@ def test_shipped_onnx_is_one_self_contained_lean_file_recorded_in_the_model_card
 @pytest.fixture(scope="module")
 def lite0():
     pytest.importorskip("torch")
-    from wsiengine.models.architectures.efficientnet_lite import build_efficientnet_lite0, default_checkpoint_path
+    from wsiengine.models.training.architectures.efficientnet_lite import build_efficientnet_lite0, default_checkpoint_path
 
     try:
         default_checkpoint_path()
@@ -204,7 +204,7 @@ def test_random_weights_do_not_look_like_imagenet(lite0):
     """The photograph checks above mean something: untrained weights put little mass on cats."""
     import torch
 
-    from wsiengine.models.architectures.efficientnet_lite import EfficientNetLite0
+    from wsiengine.models.training.architectures.efficientnet_lite import EfficientNetLite0
 
     torch.manual_seed(0)
     random_model = EfficientNetLite0().eval()
@@ -218,7 +218,7 @@ def test_random_weights_do_not_look_like_imagenet(lite0):
 def test_checkpoint_loading_is_strict(tmp_path, lite0):
     import torch
 
-    from wsiengine.models.architectures.efficientnet_lite import (
+    from wsiengine.models.training.architectures.efficientnet_lite import (
         EfficientNetLite0,
         default_checkpoint_path,
         load_efficientnet_lite0_weights,

@@ -31,7 +31,7 @@ def test_default_head_is_shipped_and_loads_without_torch():
     config = json.loads((root / "config.json").read_text())
     metrics = config["metrics"]
     assert metrics["mosaic_test"]["auc"] >= 0.85 and metrics["pcam_test_patches"]["auc"] >= 0.85
-    assert config["training"]["script"] == "python -m wsiengine.models.train_default_mil"
+    assert config["training"]["script"] == "python -m wsiengine.models.training.train_default_mil"
 
 
 def test_default_head_card_states_data_input_figures_and_limits():
@@ -52,7 +52,7 @@ def mosaic_stores(tmp_path_factory):
     """Four PCam-test mosaic slides (two with large lesions) through the real pipeline."""
     shared_file("pcam/test/1")
     pytest.importorskip("torch", reason="the mosaic helpers live in the [train] extra's training script")
-    from wsiengine.models.train_default_mil import embed_slides
+    from wsiengine.models.training.train_default_mil import embed_slides
     from wsiengine.testing.mosaic import PatchPool, make_mosaic_dataset
 
     root = tmp_path_factory.mktemp("mosaic")
@@ -95,7 +95,7 @@ def test_cli_predict_with_the_default_head(mosaic_stores, capsys):
 
 def test_tile_classifier_folds_standardisation_into_one_layer():
     torch = pytest.importorskip("torch")
-    from wsiengine.models.train_default_mil import fit_tile_classifier
+    from wsiengine.models.training.train_default_mil import fit_tile_classifier
 
     rng = np.random.default_rng(0)
     x = rng.normal(5.0, [0.1, 10.0, 1.0], size=(600, 3)).astype(np.float32)

@@ -1,4 +1,4 @@
-"""MIL heads in torch (wsiengine.models.mil) and their ONNX export (wsiengine.models.mil_export):
+"""MIL heads in torch (wsiengine.models.training.mil) and their ONNX export (wsiengine.models.training.mil_export):
 they learn the digits-bags task (Ilse et al. 2018's MNIST-bags protocol), attention sums to 1,
 and the exported graph reproduces torch within 1e-4 on bags of any size."""
 
@@ -16,8 +16,8 @@ ort = pytest.importorskip("onnxruntime")
 from sklearn.metrics import roc_auc_score  # noqa: E402
 
 from wsiengine.errors import ModelError  # noqa: E402
-from wsiengine.models.mil import ABMIL, CLAMSB, build_mil, smooth_top1_svm_loss  # noqa: E402
-from wsiengine.models.mil_export import MAX_ABS_DIFF, export_mil_onnx, save_mil_head  # noqa: E402
+from wsiengine.models.training.mil import ABMIL, CLAMSB, build_mil, smooth_top1_svm_loss  # noqa: E402
+from wsiengine.models.training.mil_export import MAX_ABS_DIFF, export_mil_onnx, save_mil_head  # noqa: E402
 
 from wsiengine.testing.digits_bags import make_digits_bags  # noqa: E402
 
@@ -179,7 +179,7 @@ def test_build_mil_unknown_name():
 def test_ensemble_with_tile_classifier_exports_and_agrees(tmp_path):
     """The shipped head's structure: an ABMIL ensemble plus a linear tile classifier, one graph."""
     from wsiengine.aggregate import MILHead
-    from wsiengine.models.mil import MILEnsemble, MILWithTileClassifier
+    from wsiengine.models.training.mil import MILEnsemble, MILWithTileClassifier
 
     torch.manual_seed(0)
     members = [ABMIL(32, hidden_dim=16, attn_dim=8, tile_head=False, embed_layers=2) for _ in range(3)]

@@ -22,7 +22,7 @@ from wsiengine import MILHead  # noqa: E402
 from wsiengine.cli import main  # noqa: E402
 from wsiengine.config import MILTrainConfig  # noqa: E402
 from wsiengine.errors import ConfigError, MissingFeaturesError, TrainingDataError  # noqa: E402
-from wsiengine.models.mil_data import (  # noqa: E402
+from wsiengine.models.training.mil_data import (  # noqa: E402
     FeatureBags,
     Split,
     read_labels_csv,
@@ -30,14 +30,14 @@ from wsiengine.models.mil_data import (  # noqa: E402
     stratified_kfold_splits,
     write_splits_csv,
 )
-from wsiengine.models.mil_metrics import (  # noqa: E402
+from wsiengine.models.training.mil_metrics import (  # noqa: E402
     binary_metrics,
     calibration_table,
     roc_auc,
     roc_curve,
     select_threshold,
 )
-from wsiengine.models.mil_train import train_fold, train_mil, train_mil_from_stores  # noqa: E402
+from wsiengine.models.training.mil_train import train_fold, train_mil, train_mil_from_stores  # noqa: E402
 from wsiengine.store import FeatureWriter  # noqa: E402
 from wsiengine.tiling import TileGrid  # noqa: E402
 
@@ -243,7 +243,7 @@ def test_training_is_reproducible_with_a_seed(digits):
 
 
 def test_class_balanced_sampling_draws_classes_equally():
-    from wsiengine.models.mil_train import _epoch_order
+    from wsiengine.models.training.mil_train import _epoch_order
 
     labels = np.array([1] * 10 + [0] * 90)
     rng = np.random.default_rng(0)

@@ -19,7 +19,7 @@ import pytest
 torch = pytest.importorskip("torch", reason="the model zoo's torch side needs the [train] extra (pip install 'wsiengine[train]')")
 
 from wsiengine.models import get_encoder_spec, list_encoders  # noqa: E402
-from wsiengine.models.build import (  # noqa: E402
+from wsiengine.models.training.build import (  # noqa: E402
     BUILDERS,
     CheckpointError,
     WeightsNotFoundError,
@@ -380,7 +380,7 @@ try:
     import onnx
     import onnxruntime as ort
 
-    from wsiengine.models.export import ExportVerificationError, export_encoder_onnx
+    from wsiengine.models.training.export import ExportVerificationError, export_encoder_onnx
 except ImportError as _exc:  # the torch-side tests above still run
     onnx = ort = None
     _ONNX_MISSING = f"ONNX export needs onnx and onnxruntime: {_exc}"
@@ -459,7 +459,7 @@ def test_swin_exports_with_a_dynamic_batch_axis(tmp_path):
 
 @needs_onnx
 def test_large_models_keep_weights_in_one_external_data_file(tmp_path, monkeypatch):
-    from wsiengine.models import export
+    from wsiengine.models.training import export
 
     monkeypatch.setattr(export, "_EXTERNAL_DATA_BYTES", 0)  # treat the small model as over the 2 GB limit
     spec = get_encoder_spec("resnet50-trunc")
@@ -472,7 +472,7 @@ def test_large_models_keep_weights_in_one_external_data_file(tmp_path, monkeypat
 
 @needs_onnx
 def test_export_that_disagrees_with_torch_raises(tmp_path, monkeypatch):
-    from wsiengine.models import export
+    from wsiengine.models.training import export
 
     real = export._cosines
     monkeypatch.setattr(export, "_cosines", lambda a, b: real(a, b) - 0.01)

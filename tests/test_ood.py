@@ -202,7 +202,7 @@ def default_reference_path() -> Path:
     path = default_head_path() / REFERENCE_NAME
     if not path.is_file():
         pytest.skip(f"the shipped default head has no {REFERENCE_NAME} ('{path}'); "
-                    "write it with python -m wsiengine.models.train_default_mil --work WORK --reference-only")
+                    "write it with python -m wsiengine.models.training.train_default_mil --work WORK --reference-only")
     return path
 
 

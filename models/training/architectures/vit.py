@@ -3,7 +3,7 @@
 It covers the ViT encoders in the registry: UNI (ViT-L/16), UNI2-h (ViT-H/14, 8 registers,
 SwiGLU), Virchow2 (ViT-H/14, 4 registers, SwiGLU), H-optimus-0 (ViT-g/14, 4 registers,
 SwiGLU), Prov-GigaPath (ViT-g/16, SwiGLU), Phikon-v2 (ViT-L/16, loaded from the Hugging Face
-Dinov2 layout by :mod:`wsiengine.models.build`) and CONCH's trunk (ViT-B/16).
+Dinov2 layout by :mod:`wsiengine.models.training.build`) and CONCH's trunk (ViT-B/16).
 
 Key names follow ``timm.models.vision_transformer.VisionTransformer``: ``cls_token``,
 ``reg_token``, ``pos_embed``, ``patch_embed.proj``, ``blocks.N.{norm1, attn.qkv, attn.proj,

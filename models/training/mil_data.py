@@ -1,6 +1,6 @@
 """Slide-level training data for MIL: labels, feature stores, and train/validation/test splits.
 
-No torch here; :mod:`wsiengine.models.mil_train` trains on what this module loads.
+No torch here; :mod:`wsiengine.models.training.mil_train` trains on what this module loads.
 
 >>> labels = read_labels_csv("labels.csv")                 # {"slide_a": 1, "slide_b": 0, ...}
 >>> bags = FeatureBags.from_stores("results/", labels)      # one SLIDE_ID.zarr per labelled slide
@@ -30,7 +30,7 @@ from typing import Iterable, Mapping, Sequence
 
 import numpy as np
 
-from ..errors import MissingFeaturesError, StoreError, TrainingDataError
+from ...errors import MissingFeaturesError, StoreError, TrainingDataError
 
 __all__ = ["read_labels_csv", "FeatureBags", "Split", "stratified_kfold_splits", "read_split_files",
            "write_splits_csv", "NEGATIVE_NAMES", "POSITIVE_NAMES"]
@@ -181,7 +181,7 @@ class FeatureBags:
         TrainingDataError
             The folder does not exist, stores disagree on D or encoder, or a store is empty.
         """
-        from ..store import open_store
+        from ...store import open_store
 
         root = Path(features_dir).expanduser()
         if not root.is_dir():
@@ -282,7 +282,7 @@ class FeatureBags:
         if cached is not None:
             self._cache.move_to_end(i)
             return cached
-        from ..store import open_store
+        from ...store import open_store
 
         try:
             array = np.ascontiguousarray(open_store(self.paths[i])["features"][:], dtype=np.float32)

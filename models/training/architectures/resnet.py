@@ -5,7 +5,7 @@ globally average-pooled: 1024 features. The layers here are torchvision's ``resn
 the stride sits on the 3x3 convolution of each bottleneck), with the same module names
 (``conv1``, ``bn1``, ``layer1.0.conv1``, ``layer1.0.downsample.0``, ...), so torchvision's
 ``IMAGENET1K_V1`` checkpoint loads strictly once its ``layer4.*`` and ``fc.*`` entries are
-dropped (:mod:`wsiengine.models.build` does that).
+dropped (:mod:`wsiengine.models.training.build` does that).
 """
 
 from __future__ import annotations

@@ -1,7 +1,7 @@
 """Export an encoder to ONNX and verify it against torch.
 
 ``export_encoder_onnx(spec, "model.onnx", weights=PATH)`` builds the encoder
-(:func:`wsiengine.models.build.build_encoder`), traces it with torch's TorchScript-based ONNX
+(:func:`wsiengine.models.training.build.build_encoder`), traces it with torch's TorchScript-based ONNX
 exporter, and writes a graph that takes **normalised float32 NCHW** images named ``"pixels"``
 (dynamic batch axis, fixed ``spec.input_px`` sides) and returns ``"embeddings"``
 ``(batch, spec.embed_dim)`` float32. Beside it goes ``model.onnx.json`` with the spec (what
@@ -35,10 +35,10 @@ import numpy as np
 import torch
 from torch import nn
 
-from ..errors import ModelError
+from ...errors import ModelError
+from ..registry import get_encoder_spec
+from ..specs import EncoderSpec
 from .build import build_encoder
-from .registry import get_encoder_spec
-from .specs import EncoderSpec
 
 __all__ = ["ExportReport", "ExportVerificationError", "export_encoder_onnx", "MIN_COSINE"]
 
@@ -199,7 +199,7 @@ def export_encoder_onnx(spec: EncoderSpec | str, out_path: str | os.PathLike[str
     out_path : path
         The ``.onnx`` file to write; its folder is created. ``out_path + ".json"`` receives the spec.
     weights : path, optional
-        Local checkpoint loaded strictly by :func:`~wsiengine.models.build.build_encoder`;
+        Local checkpoint loaded strictly by :func:`~wsiengine.models.training.build.build_encoder`;
         ``None`` exports random (seed 0) weights.
     model : torch.nn.Module, optional
         An already built torch model to export instead (``weights`` is then ignored).

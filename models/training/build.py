@@ -3,7 +3,7 @@
 ``build_encoder(spec, weights=None)`` returns an eval-mode ``torch.nn.Module`` whose forward takes
 normalised float images ``(B, 3, H, W)`` (``H = W = spec.input_px``) and returns
 ``(B, spec.embed_dim)`` embeddings. It is used to export ONNX models
-(:mod:`wsiengine.models.export`) and in tests; inference runs the exported graph and needs no
+(:mod:`wsiengine.models.training.export`) and in tests; inference runs the exported graph and needs no
 torch.
 
 Checkpoints are always local files: ``.pth``/``.bin``/``.pt`` (read with
@@ -30,9 +30,9 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..errors import ModelError
-from .registry import get_encoder_spec
-from .specs import EncoderSpec
+from ...errors import ModelError
+from ..registry import get_encoder_spec
+from ..specs import EncoderSpec
 
 __all__ = [
     "BUILDERS",

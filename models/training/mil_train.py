@@ -1,7 +1,7 @@
 """Train, evaluate and export attention-MIL heads on slide feature stores (torch; the ``[train]`` extra).
 
 >>> from wsiengine.config import MILTrainConfig
->>> from wsiengine.models.mil_train import train_mil_from_stores
+>>> from wsiengine.models.training.mil_train import train_mil_from_stores
 >>> result = train_mil_from_stores("results/", "labels.csv", "mil_model/", MILTrainConfig(model="abmil", folds=5))
 >>> result.overall["test"]["auc"], result.head_dir          # MILHead.load(result.head_dir) runs it without torch
 
@@ -9,7 +9,7 @@ For each split (stratified k-fold, or the user's split files) a fresh head train
 training slides, one bag at a time, drawn class-balanced; after every epoch it is evaluated on
 the validation slides, and training stops when the validation AUC (ties broken by validation
 loss) has not improved for ``patience`` epochs; the best epoch is kept. The decision threshold
-is then chosen on the validation predictions only (:func:`~wsiengine.models.mil_metrics.select_threshold`)
+is then chosen on the validation predictions only (:func:`~wsiengine.models.training.mil_metrics.select_threshold`)
 and applied unchanged to the test slides. Each split's head is exported to ONNX (verified against
 torch). The head of the split with the best validation AUC becomes the output head.
 
@@ -45,10 +45,10 @@ from typing import Any, Sequence
 import numpy as np
 import torch
 
-from ..aggregate import REFERENCE_NAME
-from ..config import MILTrainConfig, physical_cores
-from ..errors import ConfigError, StoreError, TrainingDataError
-from ..ood import EmbeddingReference
+from ...aggregate import REFERENCE_NAME
+from ...config import MILTrainConfig, physical_cores
+from ...errors import ConfigError, StoreError, TrainingDataError
+from ...ood import EmbeddingReference
 from .mil import build_mil
 from .mil_data import FeatureBags, Split, read_labels_csv, read_split_files, stratified_kfold_splits, write_splits_csv
 from .mil_export import save_mil_head
@@ -293,7 +293,7 @@ def train_mil(bags: FeatureBags, splits: Sequence[Split], config: MILTrainConfig
     bags : FeatureBags
         Labelled slides and their features.
     splits : sequence of Split
-        From :func:`~wsiengine.models.mil_data.stratified_kfold_splits` or split files.
+        From :func:`~wsiengine.models.training.mil_data.stratified_kfold_splits` or split files.
     config : MILTrainConfig
     out_dir : path, optional
         Output folder; refused if it exists unless ``overwrite``.
@@ -347,7 +347,7 @@ def _head_config(fold: FoldResult, bags: FeatureBags, config: MILTrainConfig, pr
 
 def _store_encoder_sha256(bags: FeatureBags, indices: np.ndarray) -> str | None:
     """The encoder file's SHA-256 recorded in the first of these slides' stores (None for in-memory bags)."""
-    from ..store import open_store
+    from ...store import open_store
 
     if not len(indices):
         return None

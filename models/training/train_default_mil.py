@@ -1,8 +1,8 @@
 """Train the shipped default MIL head (``MILHead.load("default")``) from PCam-mosaic slides.
 
-    python -m wsiengine.models.train_default_mil --work /tmp/mil-default          # writes models/weights/mil-default/
-    python -m wsiengine.models.train_default_mil --work /tmp/mil-default --out /tmp/head --no-card
-    python -m wsiengine.models.train_default_mil --work /tmp/mil-default --reference-only   # reference.npz + card
+    python -m wsiengine.models.training.train_default_mil --work /tmp/mil-default          # writes models/weights/mil-default/
+    python -m wsiengine.models.training.train_default_mil --work /tmp/mil-default --out /tmp/head --no-card
+    python -m wsiengine.models.training.train_default_mil --work /tmp/mil-default --reference-only   # reference.npz + card
 
 Protocol (fixed seeds; PCam is CC0, derived from CAMELYON16):
 
@@ -16,18 +16,18 @@ Protocol (fixed seeds; PCam is CC0, derived from CAMELYON16):
    embeddings against their patch labels; its L2 strength is chosen on the validation slides'
    tiles (AUC).
 4. **Slide head.** An ensemble of :data:`ENSEMBLE` gated-attention ABMIL heads
-   (:mod:`wsiengine.models.mil_train`; two embedding layers, different initialisations and
+   (:mod:`wsiengine.models.training.mil_train`; two embedding layers, different initialisations and
    sampling orders) trained on the training slides, each early-stopped on the validation
    slides; the ensemble's decision threshold is chosen on the validation slides only. (On the
    validation slides a 5-member ensemble was steadier than a single head, which swings by
    +-0.05 AUC with the seed, and two embedding layers beat one: 0.984 vs 0.930.)
 5. **Export.** The ensemble's mean slide probability and attention plus the tile classifier's
-   tumour probability as one ONNX graph (:class:`~wsiengine.models.mil.MILEnsemble` inside
-   :class:`~wsiengine.models.mil.MILWithTileClassifier`),
+   tumour probability as one ONNX graph (:class:`~wsiengine.models.training.mil.MILEnsemble` inside
+   :class:`~wsiengine.models.training.mil.MILWithTileClassifier`),
    verified against torch, with its figures on the test slides and on all PCam test patches
    in ``config.json``, and the model card ``models/cards/mil-default.md`` regenerated.
 6. **Embedding reference.** ``reference.npz``: an :class:`~wsiengine.ood.EmbeddingReference`
-   of every tile of the training slides (:func:`~wsiengine.models.mil_train.fit_reference`, as
+   of every tile of the training slides (:func:`~wsiengine.models.training.mil_train.fit_reference`, as
    ``train-mil`` writes it), for the out-of-distribution check ``MILHead.reference``.
    ``--reference-only`` rewrites it (and the card) for the existing head without training.
 
@@ -53,12 +53,12 @@ import numpy as np
 import torch
 from torch import nn
 
-from ..aggregate import CONFIG_NAME, REFERENCE_NAME, MILHead, default_head_path
-from ..config import MILTrainConfig, TilingConfig
-from ..encode import Encoder
-from ..errors import WsiEngineError
-from ..ood import EmbeddingReference
-from ..testing.mosaic import PCAM_MPP, MosaicSlide, PatchPool, load_mosaic_dataset, make_mosaic_dataset
+from ...aggregate import CONFIG_NAME, REFERENCE_NAME, MILHead, default_head_path
+from ...config import MILTrainConfig, TilingConfig
+from ...encode import Encoder
+from ...errors import WsiEngineError
+from ...ood import EmbeddingReference
+from ...testing.mosaic import PCAM_MPP, MosaicSlide, PatchPool, load_mosaic_dataset, make_mosaic_dataset
 from .mil import MILEnsemble, MILWithTileClassifier
 from .mil_data import FeatureBags, Split
 from .mil_export import save_mil_head
@@ -82,9 +82,9 @@ ENSEMBLE = 5
 #: L2 penalties (per tile, on standardised features) tried for the tile classifier.
 TILE_L2_GRID = (1e-3, 1e-2, 0.1, 0.3, 1.0, 3.0)
 TILE_PX = 96
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 DEFAULT_PCAM = ROOT / ".." / "shared" / "data" / "pcam"
-CARD = Path(__file__).resolve().parent / "cards" / "mil-default.md"
+CARD = Path(__file__).resolve().parents[1] / "cards" / "mil-default.md"
 
 
 def prepare_split(work: Path, pcam: Path, split: str, n_slides: int, seed: int = SEED) -> list[MosaicSlide]:
@@ -100,11 +100,11 @@ def prepare_split(work: Path, pcam: Path, split: str, n_slides: int, seed: int =
 def embed_slides(slides: Sequence[MosaicSlide], features_dir: Path, encoder: Encoder, *, progress: bool = False
                  ) -> list[Path]:
     """The real pipeline per slide, into ``features_dir/SLIDE_ID.zarr``; complete stores are reused."""
-    from ..pipeline import embed_slide
-    from ..slide import open_slide
-    from ..store import open_store
-    from ..tiling import plan_tiles
-    from ..tissue import detect_tissue
+    from ...pipeline import embed_slide
+    from ...slide import open_slide
+    from ...store import open_store
+    from ...tiling import plan_tiles
+    from ...tissue import detect_tissue
 
     paths = []
     for i, s in enumerate(slides, 1):
@@ -126,7 +126,7 @@ def embed_slides(slides: Sequence[MosaicSlide], features_dir: Path, encoder: Enc
 
 def tile_dataset(slides: Sequence[MosaicSlide], features_dir: Path) -> tuple[np.ndarray, np.ndarray]:
     """Every tile's embedding and its patch label (1 iff the tile's centre is in a lesion)."""
-    from ..store import read_features
+    from ...store import read_features
 
     xs, ys = [], []
     for s in slides:
@@ -195,7 +195,7 @@ def fit_tile_classifier(x_train: np.ndarray, y_train: np.ndarray, x_val: np.ndar
 
 def top_attention_in_lesion(head: MILHead, slides: Sequence[MosaicSlide], features_dir: Path) -> tuple[int, int]:
     """``(hits, positives)``: positive slides whose most attended tile lies in a lesion."""
-    from ..store import read_features
+    from ...store import read_features
 
     hits = positives = 0
     for s in slides:
@@ -255,7 +255,7 @@ def _reference_line(r: dict | None) -> str:
             f"components and distance quantiles of the {r['n_tiles']:,} training-slide tile embeddings, for the "
             f"out-of-distribution check (`MILHead.reference`); beyond its 0.99 quantile lie "
             f"{r['test_tiles']:.1%} of the mosaic test tiles and {r['featureless']:.0%} of solid-colour and noise "
-            "patches (`python -m wsiengine.models.train_default_mil --reference-only`).")
+            "patches (`python -m wsiengine.models.training.train_default_mil --reference-only`).")
     return textwrap.fill(line, width=100, subsequent_indent="  ", break_on_hyphens=False) + "\n"
 
 
@@ -265,7 +265,7 @@ def _card(figures: dict, reference: dict | None = None) -> str:
     return f"""# Model card: `default` MIL head (ABMIL + tile tumour classifier, PCam-mosaic)
 
 `MILHead.load("default")`, `wsiengine predict --mil default`: the slide-level head wsiengine
-runs when no other is given. Trained {f['date']} by `python -m wsiengine.models.train_default_mil`
+runs when no other is given. Trained {f['date']} by `python -m wsiengine.models.training.train_default_mil`
 (fixed seeds; the script regenerates this card and the weights in `models/weights/mil-default/`).
 
 ## What it is
@@ -395,7 +395,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         "encoder": "default", "target_mpp": PCAM_MPP, "tile_px": TILE_PX, "class_names": ["normal", "metastasis"],
         "tile_score": "tumour probability from a logistic-regression tile classifier (PCam train tiles)",
         "intended_input": "H&E lymph node, 96-px tiles at ~0.97 um/px (10x), default encoder embeddings",
-        "training": {"script": "python -m wsiengine.models.train_default_mil", "seed": SEED,
+        "training": {"script": "python -m wsiengine.models.training.train_default_mil", "seed": SEED,
                      "config": HEAD_CONFIG.to_dict(), "data": "PCam-mosaic slides from PCam train/valid/test (CC0)"},
         "metrics": figures,
     })

@@ -3,7 +3,7 @@ weights come from (timm's VisionTransformer and SwinTransformer, torchvision's R
 CoCa vision tower, efficientnet_pytorch's EfficientNet-Lite0), so published checkpoints load
 with ``strict=True``.
 
-Used at export time only (``wsiengine.models.build`` / ``wsiengine.models.export``); the engine
+Used at export time only (``wsiengine.models.training.build`` / ``wsiengine.models.training.export``); the engine
 runs the exported ONNX graphs and never imports torch. Each architecture lives in its own module
 and is imported on first use, so one missing or broken module never hides the others.
 """

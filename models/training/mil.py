@@ -11,7 +11,7 @@ Both modules take one bag of tile embeddings ``(N, D)`` float32 and return the t
     A per-tile positive (tumour) probability in [0, 1].
 
 Nothing in ``forward`` depends on N except through tensor shapes, so both export to ONNX with
-a dynamic bag axis (:func:`wsiengine.models.mil_export.export_mil_onnx`), and no ``(N, N)``
+a dynamic bag axis (:func:`wsiengine.models.training.mil_export.export_mil_onnx`), and no ``(N, N)``
 tensor is ever formed (memory is linear in N).
 
 References: Ilse, Tomczak & Welling, *Attention-based Deep Multiple Instance Learning*,

@@ -14,7 +14,7 @@ the *end* of a stage, as timm < 0.9 laid it out), and ``norm``.
 
 The checkpoint also holds the buffers ``attn.relative_position_index`` and ``attn_mask``; they are
 deterministic functions of the window layout, so this module computes them (non-persistent) and
-:mod:`wsiengine.models.build` checks the checkpoint's copies against them before dropping them.
+:mod:`wsiengine.models.training.build` checks the checkpoint's copies against them before dropping them.
 The embedding is the final-norm tokens averaged: 768 features for Swin-T.
 """
 
