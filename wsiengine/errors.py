@@ -17,6 +17,8 @@ __all__ = [
     "ResolutionError",
     "NoTissueError",
     "ConfigError",
+    "InputError",
+    "AnnotationError",
     "ModelError",
     "ProviderError",
     "TrainingDataError",
@@ -34,6 +36,17 @@ class WsiEngineError(Exception):
 
 class ConfigError(WsiEngineError, ValueError):
     """An option has an invalid value (the message names the option and the valid range)."""
+
+
+class InputError(WsiEngineError, ValueError):
+    """An argument does not fit the call: a per-tile array whose length differs from the tile
+    grid's, an array of the wrong shape, a value out of range, or an argument missing that another
+    one needs (the message names the argument and what it must be)."""
+
+
+class AnnotationError(WsiEngineError, ValueError):
+    """An annotation file or object cannot be read: not JSON, not GeoJSON, or not the expected
+    layout (QuPath GeoJSON, CAMELYON16 NCRF JSON or ASAP XML); the message names the file."""
 
 
 class SlideOpenError(WsiEngineError):

@@ -43,6 +43,7 @@ import shapely
 from shapely.geometry import Polygon
 from shapely.geometry.base import BaseGeometry
 
+from .errors import InputError
 from .geojson import make_valid_geometry, max_diameter
 from .tiling import TileGrid
 
@@ -123,7 +124,7 @@ def _mpp_of(mpp: Mapping[str, float] | float | Sequence[float], slide: str) -> f
         value = float(np.sqrt(float(value[0]) * float(value[1])))  # isotropic equivalent for the growth
     value = float(value)  # type: ignore[arg-type]
     if not np.isfinite(value) or value <= 0:
-        raise ValueError(f"mpp of slide {slide!r} is {value}; it must be a positive µm/px")
+        raise InputError(f"mpp of slide {slide!r} is {value}; it must be a positive µm/px")
     return value
 
 
@@ -178,15 +179,15 @@ def froc(
 
     Raises
     ------
-    ValueError
-        A detection's slide has no ground truth, a shape is wrong, or no lesion counts.
+    InputError
+        (a ``ValueError``) A detection's slide has no ground truth, a shape is wrong, or no lesion counts.
     """
     missing = sorted(set(detections) - set(lesions))
     if missing:
-        raise ValueError(f"detections for slides without ground truth: {missing[:5]}; "
+        raise InputError(f"detections for slides without ground truth: {missing[:5]}; "
                          "pass an empty geometry in `lesions` for normal slides")
     if interpolation not in ("linear", "step"):
-        raise ValueError(f"interpolation must be 'linear' or 'step', not {interpolation!r}")
+        raise InputError(f"interpolation must be 'linear' or 'step', not {interpolation!r}")
     fp_probs: list[np.ndarray] = []
     tp_probs: list[np.ndarray] = []
     lesion_probability: dict[str, np.ndarray] = {}
@@ -197,7 +198,7 @@ def froc(
         if d.size == 0:
             d = d.reshape(0, 3)
         if d.ndim != 2 or d.shape[1] != 3:
-            raise ValueError(f"detections[{slide!r}] has shape {d.shape}; expected (K, 3) rows of (x, y, probability)")
+            raise InputError(f"detections[{slide!r}] has shape {d.shape}; expected (K, 3) rows of (x, y, probability)")
         d = d[np.isfinite(d[:, 2])]
         ls = lesion_set(lesions[slide], _mpp_of(mpp, slide), itc_um=itc_um, dilation_um=dilation_um)
         label = ls.label(d[:, :2]) if len(ls) else np.full(len(d), -1, np.int64)
@@ -217,9 +218,9 @@ def froc(
         n_itc += int(ls.is_itc.sum())
     n_slides = len(lesions)
     if n_slides == 0:
-        raise ValueError("no slides to evaluate")
+        raise InputError("no slides to evaluate")
     if n_lesions == 0:
-        raise ValueError("no lesion to detect: every slide is normal or holds only isolated tumour cells; "
+        raise InputError("no lesion to detect: every slide is normal or holds only isolated tumour cells; "
                          "FROC sensitivity is undefined")
     fps = np.sort(np.concatenate(fp_probs)) if fp_probs else np.zeros(0)
     tps = np.sort(np.concatenate(tp_probs)) if tp_probs else np.zeros(0)
@@ -283,7 +284,7 @@ def detections_from_tiles(grid: TileGrid, tile_scores: np.ndarray, *, threshold:
     """
     s = np.asarray(tile_scores, np.float64).reshape(-1)
     if s.shape[0] != len(grid):
-        raise ValueError(f"tile_scores has {s.shape[0]} values but the grid has {len(grid)} tiles")
+        raise InputError(f"tile_scores has {s.shape[0]} values but the grid has {len(grid)} tiles")
     keep = s >= threshold
     if local_maxima and keep.any():
         rows, cols = grid.grid_shape
