@@ -37,6 +37,7 @@ from typing import Any
 
 import numpy as np
 
+from .atomic import replace_directory
 from .errors import StoreError
 from .tiling import TileGrid
 
@@ -58,6 +59,8 @@ def slide_fingerprint(path: str | os.PathLike[str]) -> str:
     sample of its largest file."""
     import hashlib
 
+    from .hashing import update_digest
+
     p = Path(path)
     digest = hashlib.sha256()
     if p.is_dir():
@@ -69,11 +72,7 @@ def slide_fingerprint(path: str | os.PathLike[str]) -> str:
         p = max(files, key=lambda f: f.stat().st_size)
     size = p.stat().st_size
     digest.update(str(size).encode())
-    with open(p, "rb") as fh:
-        digest.update(fh.read(_FINGERPRINT_BYTES))
-        if size > _FINGERPRINT_BYTES:
-            fh.seek(max(_FINGERPRINT_BYTES, size - _FINGERPRINT_BYTES))
-            digest.update(fh.read())
+    update_digest(digest, p, sample_bytes=_FINGERPRINT_BYTES)
     return "sha256s:" + digest.hexdigest()
 
 
@@ -193,16 +192,7 @@ class FeatureWriter:
             missing = self.n - self.rows_written
             raise StoreError(f"store '{self.path.name}' is missing {missing} of {self.n} feature rows; not committed")
         self.group.attrs.update({**attrs, "complete": True})
-        if self.path.exists():
-            old = self.path.with_name(self.path.name + ".old")
-            if old.exists():
-                shutil.rmtree(old)
-            os.replace(self.path, old)
-            os.replace(self.partial, self.path)
-            shutil.rmtree(old)
-        else:
-            os.replace(self.partial, self.path)
-        return self.path
+        return replace_directory(self.partial, self.path)
 
     def abort(self) -> None:
         """Remove the partial store."""

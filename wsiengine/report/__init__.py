@@ -31,6 +31,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from ..atomic import replace_directory
 from ..config import ReportConfig, VLMConfig
 from ..errors import ReportError
 from .findings import CATEGORIES, build_findings, metastasis_call, size_category
@@ -297,11 +298,7 @@ def _document(result: "ResultStore", sid: str, findings: dict[str, Any], narrati
 def _publish(tmp: Path, out: Path, sid: str) -> tuple[Path, Path, Path]:
     """Move the assets folder, the Markdown and last the JSON (the completion marker) into place."""
     assets, md, js = out / f"{sid}.report", out / f"{sid}.report.md", out / f"{sid}.report.json"
-    if assets.exists():
-        old = out / f".{sid}.report.partial-old-{os.getpid()}"
-        os.replace(assets, old)
-        shutil.rmtree(old, ignore_errors=True)
-    os.replace(tmp / "assets", assets)
+    replace_directory(tmp / "assets", assets)
     os.replace(tmp / "report.md", md)
     os.replace(tmp / "report.json", js)
     return js, md, assets
