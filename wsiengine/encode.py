@@ -33,13 +33,14 @@ from PIL import Image
 
 from .config import physical_cores
 from .errors import ConfigError, ModelError, ProviderError
+from .hashing import sha256_file
 from .kernels import normalise_to_nchw
 from .models import EncoderSpec, get_encoder_spec
 from .slide import Slide, resize_area
 from .stream import stream_patches
 from .tiling import TileGrid
 
-__all__ = ["Encoder", "resolve_providers", "PROVIDER_ALIASES", "preprocess"]
+__all__ = ["Encoder", "resolve_providers", "PROVIDER_ALIASES", "preprocess", "float16_model", "float16_variant"]
 
 logger = logging.getLogger("wsiengine")
 
@@ -241,7 +242,7 @@ class Encoder:
             elif name == "CUDAExecutionProvider":
                 provider_args.append((name, {"device_id": device_id, "cudnn_conv_algo_search": "HEURISTIC"}))
                 if fp16 and "TensorrtExecutionProvider" not in chosen:
-                    model_path = _float16_variant(path, trt_cache_dir)
+                    model_path = float16_variant(path, trt_cache_dir)
             else:
                 provider_args.append((name, {}))
         try:
@@ -382,13 +383,7 @@ class Encoder:
         """Provenance: spec, file, its sha256 and the active providers (the hash is computed once per encoder)."""
         sha256 = getattr(self, "_sha256", None)
         if sha256 is None:
-            import hashlib
-
-            digest = hashlib.sha256()
-            with open(self.path, "rb") as handle:
-                for block in iter(lambda: handle.read(1 << 20), b""):
-                    digest.update(block)
-            sha256 = self._sha256 = digest.hexdigest()
+            sha256 = self._sha256 = sha256_file(self.path)
         return {"spec": self.spec.to_dict(), "file": str(self.path), "sha256": sha256, "providers": self.providers}
 
     def __repr__(self) -> str:
@@ -414,8 +409,28 @@ def _spec_from_json(path: Path) -> EncoderSpec:
         raise ModelError(f"spec file '{path}' is not an EncoderSpec: {exc}") from None
 
 
-def _float16_variant(path: Path, cache_dir: str | os.PathLike[str] | None) -> Path:
-    """A float16 copy of the model with float32 inputs/outputs, made once and reused."""
+def float16_model(path: str | os.PathLike[str]) -> Any:
+    """The ONNX model at ``path`` (external data loaded) converted to float16 weights and compute
+    with float32 inputs and outputs (ONNX Runtime's float16 converter, ``keep_io_types=True``).
+
+    Returns an ``onnx.ModelProto``, not saved: :func:`float16_variant` caches it for CUDA, and the
+    export (``wsiengine.models.training.export``) saves it beside the float32 model. Needs the
+    ``onnx`` package; no torch.
+    """
+    import onnx
+    from onnxruntime.transformers.float16 import convert_float_to_float16
+
+    return convert_float_to_float16(onnx.load(str(path), load_external_data=True), keep_io_types=True)
+
+
+def float16_variant(path: str | os.PathLike[str], cache_dir: str | os.PathLike[str] | None = None) -> Path:
+    """A float16 copy (:func:`float16_model`) of the ONNX model at ``path``, made once and reused.
+
+    Written as ``<stem>.fp16.onnx`` beside the model, or in ``cache_dir`` (default
+    ``~/.cache/wsiengine`` when the model's folder is not writable); remade when older than the
+    model. Returns its path.
+    """
+    path = Path(path)
     target = path.with_name(path.stem + ".fp16.onnx")
     if cache_dir is not None or not os.access(path.parent, os.W_OK):
         base = Path(cache_dir or Path.home() / ".cache" / "wsiengine").expanduser()
@@ -424,9 +439,8 @@ def _float16_variant(path: Path, cache_dir: str | os.PathLike[str] | None) -> Pa
     if target.is_file() and target.stat().st_mtime >= path.stat().st_mtime:
         return target
     import onnx
-    from onnxruntime.transformers.float16 import convert_float_to_float16
 
-    model = convert_float_to_float16(onnx.load(str(path)), keep_io_types=True)
+    model = float16_model(path)
     partial = target.with_name(target.name + ".part")
     onnx.save(model, str(partial))
     partial.replace(target)
