@@ -9,6 +9,7 @@
 >>> enc = we.Encoder.load("default")                 # ONNX Runtime, no torch
 >>> for index, feats in enc.stream(slide, grid): ...
 >>> res = we.Pipeline().run("x.svs", out="results/")   # store, heatmaps, GeoJSON, report
+>>> we.Pipeline(we.RunConfig.load("run.toml"), target_mpp=0.5).config.tiling
 >>> we.make_report("results/x.zarr").findings["category"]["code"]
 """
 
@@ -18,7 +19,20 @@ from importlib.metadata import PackageNotFoundError, version
 
 from . import errors
 from .batch import run_batch
-from .config import ReportConfig, StreamConfig, TilingConfig, TissueConfig, VLMConfig, set_defaults
+from .config import (
+    BatchConfig,
+    EncoderConfig,
+    MILConfig,
+    OutputsConfig,
+    ReportConfig,
+    RunConfig,
+    SlideConfig,
+    StreamConfig,
+    TilingConfig,
+    TissueConfig,
+    VLMConfig,
+    set_defaults,
+)
 from .aggregate import MILHead, SlidePrediction
 from .encode import Encoder
 from .evaluate import froc
@@ -77,8 +91,14 @@ __all__ = [
     "open_result",
     "ResultStore",
     "read_features",
+    "RunConfig",
+    "SlideConfig",
     "TissueConfig",
     "TilingConfig",
+    "EncoderConfig",
+    "MILConfig",
+    "OutputsConfig",
+    "BatchConfig",
     "StreamConfig",
     "ReportConfig",
     "VLMConfig",

@@ -37,12 +37,13 @@ from typing import Any
 
 import numpy as np
 
-from .config import physical_cores
+from .config import ModelTiling, physical_cores, tiling_differences, tiling_mismatch_message
 from .errors import ConfigError, ModelError
 from .ood import EmbeddingReference
 
 __all__ = ["SlidePrediction", "MILHead", "HEAD_FORMAT", "HEAD_FORMAT_VERSION", "MODEL_NAME", "CONFIG_NAME",
-           "REFERENCE_NAME", "DEFAULT_HEAD", "default_head_path", "tiling_differences"]
+           "REFERENCE_NAME", "DEFAULT_HEAD", "default_head_path", "read_head_config", "head_tiling",
+           "tiling_differences"]
 
 logger = logging.getLogger("wsiengine")
 
@@ -68,17 +69,38 @@ def default_head_path() -> Path:
     return Path(str(resources.files("wsiengine.models").joinpath(DEFAULT_HEAD)))
 
 
-def tiling_differences(trained_mpp: float | None, trained_px: int | None, target_mpp: float | None,
-                       tile_px: int | None) -> list[str]:
-    """How a tiling (``target_mpp`` µm/px, ``tile_px`` pixels) differs from the one a head was
-    trained on by more than 10 %: one phrase per difference, empty when they agree or a value is
-    unknown."""
-    problems = []
-    if trained_mpp and target_mpp and abs(float(target_mpp) / float(trained_mpp) - 1) > 0.10:
-        problems.append(f"{float(target_mpp):.3g} µm/px instead of {float(trained_mpp):.3g}")
-    if trained_px and tile_px and abs(int(tile_px) / int(trained_px) - 1) > 0.10:
-        problems.append(f"{int(tile_px)}-px tiles instead of {int(trained_px)}")
-    return problems
+def read_head_config(path: str | os.PathLike[str]) -> tuple[Path, dict[str, Any]]:
+    """The folder and checked ``config.json`` of a head (``"default"`` or a folder), without
+    loading its graph: what the run resolver reads for the head's training tiling."""
+    if os.fspath(path) == "default":
+        root = default_head_path()
+        if not (root / CONFIG_NAME).is_file():
+            raise ModelError(f"the shipped default MIL head is missing from the installation ('{root}'); "
+                             "reinstall wsiengine")
+    else:
+        root = Path(path).expanduser()
+    if not root.is_dir():
+        hint = " (pass the directory that holds it, not the file)" if root.is_file() else ""
+        raise ModelError(f"MIL head directory '{root}' does not exist{hint}; a head is a directory with "
+                         f"{MODEL_NAME} and {CONFIG_NAME}, written by wsiengine train-mil")
+    cfg_path = root / CONFIG_NAME
+    if not cfg_path.is_file():
+        raise ModelError(f"MIL head directory '{root}' has no {CONFIG_NAME}; re-export the head with wsiengine train-mil")
+    try:
+        config = json.loads(cfg_path.read_text())
+    except (OSError, ValueError) as exc:
+        raise ModelError(f"cannot read '{cfg_path}': {exc}") from exc
+    if not isinstance(config, dict):
+        raise ModelError(f"'{cfg_path}' must hold a JSON object, got {type(config).__name__}")
+    MILHead._check_config(config, cfg_path)
+    return root, config
+
+
+def head_tiling(name: str, config: dict[str, Any]) -> ModelTiling:
+    """The tiling a head was trained on (from its ``config.json``), labelled for messages."""
+    return ModelTiling(float(config["target_mpp"]) if config.get("target_mpp") else None,
+                       int(config["tile_px"]) if config.get("tile_px") else None, f"MIL head {name!r}")
+
 
 
 @dataclass(frozen=True, eq=False)
@@ -191,28 +213,8 @@ class MILHead:
         ModelError
             The directory or one of its files is missing or unreadable, or the config is invalid.
         """
-        if os.fspath(path) == "default":
-            root = default_head_path()
-            if not (root / CONFIG_NAME).is_file():
-                raise ModelError(f"the shipped default MIL head is missing from the installation ('{root}'); "
-                                 "reinstall wsiengine")
-        else:
-            root = Path(path).expanduser()
-        if not root.is_dir():
-            hint = " (pass the directory that holds it, not the file)" if root.is_file() else ""
-            raise ModelError(f"MIL head directory '{root}' does not exist{hint}; a head is a directory with "
-                             f"{MODEL_NAME} and {CONFIG_NAME}, written by wsiengine.models.mil_export.save_mil_head")
+        root, config = read_head_config(path)
         cfg_path = root / CONFIG_NAME
-        if not cfg_path.is_file():
-            raise ModelError(f"MIL head directory '{root}' has no {CONFIG_NAME}; re-export the head with "
-                             "wsiengine.models.mil_export.save_mil_head")
-        try:
-            config = json.loads(cfg_path.read_text())
-        except (OSError, ValueError) as exc:
-            raise ModelError(f"cannot read '{cfg_path}': {exc}") from exc
-        if not isinstance(config, dict):
-            raise ModelError(f"'{cfg_path}' must hold a JSON object, got {type(config).__name__}")
-        cls._check_config(config, cfg_path)
         model_path = root / str(config.get("onnx") or MODEL_NAME)
         if not model_path.is_file():
             raise ModelError(f"MIL head directory '{root}' has no {model_path.name}; re-export the head with "
@@ -243,15 +245,15 @@ class MILHead:
         logger.info("loaded %r", head)
         return head
 
+    @property
+    def tiling(self) -> ModelTiling:
+        """The tiling the head was trained on."""
+        return head_tiling(self.name, self.config)
+
     def tiling_mismatch(self, target_mpp: float | None, tile_px: int | None) -> str | None:
-        """A warning when features tiled at ``target_mpp`` (µm/px) with ``tile_px`` pixels differ
-        from the tiling the head was trained on by more than 10 %; None when they agree or either is unknown."""
-        problems = tiling_differences(self.target_mpp, self.tile_px, target_mpp, tile_px)
-        if not problems:
-            return None
-        return (f"the MIL head {self.name!r} was trained on tiles of {self.tile_px} px at {self.target_mpp:.3g} µm/px; "
-                f"these features come from {' and '.join(problems)}, so its output is out of distribution. "
-                f"Embed with --target-mpp {self.target_mpp:.3g} --tile-px {self.tile_px}")
+        """The mismatch warning (:func:`wsiengine.config.tiling_mismatch_message`) when features
+        tiled at ``target_mpp`` µm/px with ``tile_px`` pixels are unlike the head's training tiles."""
+        return tiling_mismatch_message(self.tiling, target_mpp, tile_px)
 
     @staticmethod
     def _check_config(config: dict[str, Any], cfg_path: Path) -> None:

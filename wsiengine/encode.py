@@ -31,7 +31,7 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
-from .config import physical_cores
+from .config import ModelTiling, physical_cores, tiling_mismatch_message
 from .errors import ConfigError, ModelError, ProviderError
 from .hashing import sha256_file
 from .kernels import normalise_to_nchw
@@ -143,6 +143,11 @@ def _sidecar(path: Path) -> Path:
 def _packaged(relative: str) -> Path:
     return Path(str(resources.files("wsiengine.models").joinpath(relative)))
 
+
+
+def spec_tiling(spec: EncoderSpec) -> ModelTiling:
+    """The tiling an encoder spec expects (``target_mpp`` µm/px, ``patch_px`` pixels), labelled for messages."""
+    return ModelTiling(float(spec.target_mpp), int(spec.patch_px), f"encoder {spec.name!r}")
 
 class Encoder:
     """A patch encoder running in ONNX Runtime.
@@ -266,6 +271,17 @@ class Encoder:
         logger.info("encoder %s (%s) on %s, %d CPU threads", spec_obj.name, Path(model_path).name, ", ".join(active), options.intra_op_num_threads)
         return encoder
 
+    @property
+    def tiling(self) -> ModelTiling:
+        """The tiling the encoder was trained on (its spec's ``target_mpp`` and ``patch_px``)."""
+        return spec_tiling(self.spec)
+
+    @classmethod
+    def locate(cls, model: str | os.PathLike[str] = "default", weights: str | os.PathLike[str] | None = None,
+               spec: EncoderSpec | str | None = None) -> tuple[EncoderSpec, Path]:
+        """The spec and ONNX file :meth:`load` would open, without starting a session."""
+        return cls._locate(model, weights, spec)
+
     @staticmethod
     def _locate(model, weights, spec) -> tuple[EncoderSpec, Path]:
         spec_obj = get_encoder_spec(spec) if isinstance(spec, str) else spec
@@ -371,11 +387,9 @@ class Encoder:
         the current batch is in ONNX Runtime (which releases the GIL), so reading and
         inference overlap. Batches come in completion order; ``index`` says which grid rows.
         """
-        if not np.isclose(grid.target_mpp, self.spec.target_mpp, rtol=0.05) or grid.tile_px != self.spec.patch_px:
-            logger.info(
-                "%s was trained on %d px patches at %.3g µm/px; this grid is %d px at %.3g µm/px",
-                self.spec.name, self.spec.patch_px, self.spec.target_mpp, grid.tile_px, grid.target_mpp,
-            )
+        note = tiling_mismatch_message(self.tiling, grid.target_mpp, grid.tile_px)
+        if note:  # encoders generalise across resolutions far better than MIL heads: a note, not a warning
+            logger.info(note)
         for batch in stream_patches(slide, grid, batch_size, **stream_options):
             yield batch.index, self.embed(batch.images)
 

@@ -93,7 +93,7 @@ class ResolutionError(WsiEngineError, ValueError):
 class NoTissueError(WsiEngineError):
     """Tissue detection found no tissue, or tiling found no tile with enough tissue.
 
-    Raised only when asked for (``on_empty="raise"``); by default an empty
+    Raised only when asked for (``on_no_tissue="raise"`` / ``on_no_tiles="raise"``); by default an empty
     :class:`~wsiengine.tissue.TissueMask` or :class:`~wsiengine.tiling.TileGrid` is returned
     and a warning is logged.
     """

@@ -5,7 +5,7 @@ from __future__ import annotations
 import logging
 import os
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -13,14 +13,18 @@ from typing import Any
 import numpy as np
 
 from .aggregate import MILHead, SlidePrediction
-from .config import ReportConfig, StreamConfig, TilingConfig, TissueConfig, VLMConfig
+from .config import RunConfig, SlideConfig
 from .encode import Encoder
 from .errors import ConfigError
+from .resolve import resolve_config
 from .slide import Slide, open_slide
 from .store import FeatureWriter
 from .tiling import TileGrid, plan_tiles
+from .tissue import TissueMask
 
-__all__ = ["embed_slide", "Pipeline", "SlideResult", "slide_id_for"]
+__all__ = ["embed_slide", "Pipeline", "SlideResult", "slide_id_for", "slide_attrs", "plan_slide", "open_run_slide",
+           "load_encoder",
+           "load_mil"]
 
 logger = logging.getLogger("wsiengine")
 
@@ -34,6 +38,7 @@ def embed_slide(
     batch_size: int = 64,
     chunk_rows: int = 512,
     progress: bool = False,
+    config: RunConfig | None = None,
     **stream_options: Any,
 ) -> Path:
     """Embed every tile of ``grid`` into the Zarr store ``out`` (``features``, ``tiles/coords``),
@@ -41,16 +46,15 @@ def embed_slide(
 
     Memory holds the in-flight patch batches and the feature chunks being filled, never the
     slide's features. If anything fails, no store appears under ``out``. ``progress`` shows
-    a tile progress bar on stderr.
+    a tile progress bar on stderr. ``config``, the run's resolved configuration, is recorded
+    in the store.
     """
     from tqdm.auto import tqdm
 
     started = time.perf_counter()
-    attrs = {
-        "slide": {"path": str(slide.path), "dimensions": list(slide.dimensions), "mpp": list(slide.mpp),
-                  "mpp_source": slide.mpp_source, "backend": slide.backend_name},
-        "encoder": encoder.describe(),
-    }
+    attrs = {"slide": slide_attrs(slide, Path(out).parent), "encoder": encoder.describe()}
+    if config is not None:
+        attrs["config"] = config.to_dict()
     with FeatureWriter(out, grid, encoder.embed_dim, attrs=attrs, chunk_rows=chunk_rows) as writer, \
             tqdm(total=len(grid), unit="tile", desc=slide.path.name, disable=not progress, leave=False) as bar:
         for index, features in encoder.stream(slide, grid, batch_size, **stream_options):
@@ -116,96 +120,119 @@ def slide_id_for(path: str | os.PathLike[str]) -> str:
     return Path(name).stem if Path(name).suffix else name
 
 
-def _publish(tmp: Path, final: Path) -> Path:
-    os.replace(tmp, final)
-    return final
+def slide_attrs(slide: Slide, out_dir: str | os.PathLike[str]) -> dict[str, Any]:
+    """What a store records about its slide: the absolute path, the path relative to the
+    results folder ``out_dir`` (so a results tree moved together with its slides still finds
+    them), name, size, resolution and its source, backend, vendor and content fingerprint."""
+    from .store import slide_fingerprint
+
+    path = Path(slide.path).expanduser().absolute()
+    try:
+        relative = os.path.relpath(path, Path(out_dir).expanduser().absolute())
+    except ValueError:  # another drive (Windows)
+        relative = None
+    return {"path": str(path), "path_from_results": relative, "name": path.name,
+            "dimensions": list(slide.dimensions), "mpp": list(slide.mpp), "mpp_source": slide.mpp_source,
+            "backend": slide.backend_name, "vendor": slide.vendor, "fingerprint": slide_fingerprint(path)}
+
+
+def open_run_slide(path: str | os.PathLike[str], config: SlideConfig, *, mpp: tuple[float, float] | float | None = None,
+                   require_mpp: bool = True) -> Slide:
+    """Open a slide with a run's slide settings: ``backend``, ``force_mpp`` and the level-0 mpp
+    from ``mpp`` (given here), else ``config.mpp``, else the slide's row of ``config.mpp_csv``."""
+    if mpp is None:
+        mpp = config.mpp
+    if mpp is None and config.mpp_csv:
+        from .resolution import lookup_mpp, read_mpp_csv
+
+        mpp = lookup_mpp(read_mpp_csv(config.mpp_csv), path)
+    return open_slide(path, backend=config.backend, mpp=mpp, force_mpp=config.force_mpp, require_mpp=require_mpp)
+
+
+def load_encoder(config: RunConfig) -> Encoder:
+    """The encoder ``config.encoder`` names, with its ONNX Runtime options."""
+    e = config.encoder
+    return Encoder.load(e.encoder, weights=e.encoder_weights, providers=e.provider_list, allow_fallback=e.allow_fallback,
+                        threads=e.threads or None, fp16=e.fp16, device_id=e.device_id, trt_cache_dir=e.trt_cache_dir)
+
+
+def load_mil(config: RunConfig) -> MILHead | None:
+    """The MIL head ``config.mil`` names, or None for embeddings only."""
+    return MILHead.load(config.mil.mil) if config.mil.mil is not None else None
+
+
+_GIVEN_BY_CONFIG = object()
 
 
 class Pipeline:
-    """One slide end to end: tissue -> tiles -> embeddings -> MIL -> store, heatmaps, GeoJSON, overlay.
+    """One slide end to end: tissue -> tiles -> embeddings -> MIL -> store, heatmaps, GeoJSON,
+    overlay, report.
 
-    >>> pipe = Pipeline(encoder="default", mil="default")
-    >>> res = pipe.run("x.svs", out="results/")       # results/x.zarr, x.geojson, x.heatmap.png
-    >>> res.prediction.probability, res.store
+    >>> pipe = Pipeline()                                   # the shipped encoder and head
+    >>> pipe = Pipeline("run.toml", target_mpp=0.5, tile_px=224, report=False)
+    >>> res = pipe.run("x.svs", out="results/")             # results/x.zarr, x.geojson, x.heatmap.png
+    >>> res.prediction.probability, pipe.config.tiling
 
     Parameters
     ----------
-    encoder : str, path or Encoder
-        ``"default"``, a registry name (with ``weights``), an ``.onnx`` path, or a loaded encoder.
-    mil : str, path, MILHead or None
-        ``"default"`` (the shipped head), a head folder from ``wsiengine train-mil``, a loaded
-        head, or None for embeddings only.
-    weights, providers, allow_fallback
-        Passed to :meth:`Encoder.load`.
-    tissue, tiling, stream : config dataclasses, optional
-        Without ``tiling``, tiles follow the MIL head's training tiling (``target_mpp``,
-        ``tile_px`` recorded in its config) or else the encoder spec's.
-    heatmaps : sequence of str
-        Per-tile values stored as multiscale heatmaps: ``"attention"``, ``"tile_scores"``,
-        ``"tissue_fraction"``.
-    geojson, overlay : bool
-        Write ``SLIDE_ID.geojson`` (tissue, predicted tumour regions) and ``SLIDE_ID.heatmap.png``.
-    tumour_threshold : float
-        Tile score at or above which tiles form the GeoJSON's tumour regions.
-    threads : int, optional
-        ONNX Runtime intra-op threads for the encoder (default: physical cores); a batch running
-        several slides at once gives each a share.
-    report : bool
-        Write the slide report (``SLIDE_ID.report.json``, ``.report.md``, ``SLIDE_ID.report/``);
-        see :mod:`wsiengine.report`. Ignored without a MIL head (nothing to report).
-    report_config : ReportConfig, optional
-    vlm : VLMConfig, optional
-        An OpenAI-compatible endpoint that phrases the report's narrative (default: none, or
-        ``WSIENGINE_VLM_URL``/``WSIENGINE_VLM_MODEL``); a remote one needs ``allow_remote``.
-    tile_bank : path, optional
-        Labelled tiles (``.npz`` or a folder of class folders) for the few-shot second opinion.
+    config : RunConfig, path or None
+        The run's settings; a path is a TOML file; None loads the defaults, ``$WSIENGINE_CONFIG``
+        and the ``WSIENGINE_*`` environment (:meth:`RunConfig.load`).
+    encoder : str, path or Encoder, optional
+        A loaded encoder, or a name overriding ``config.encoder.encoder``.
+    mil : str, path, MILHead or None, optional
+        A loaded head, a name overriding ``config.mil.mil``, or None for embeddings only.
+    **settings
+        Any setting by flat or dotted name (``target_mpp=0.5``, ``tile_threshold=0.6``,
+        ``report=False``) or whole sections (``tiling=TilingConfig(...)``), applied over
+        ``config`` as explicit code arguments.
+
+    The resolved configuration is :attr:`config`: tiling from the settings, else the head's
+    training tiling, else the encoder's spec (:mod:`wsiengine.config.tiling`), and the models'
+    hashes. It is recorded verbatim in every store and its :meth:`RunConfig.key` is the resume key.
     """
 
-    def __init__(self, encoder: str | os.PathLike[str] | Encoder = "default",
-                 mil: str | os.PathLike[str] | MILHead | None = "default", *,
-                 weights: str | os.PathLike[str] | None = None, providers: str | Sequence[str] | None = "auto",
-                 allow_fallback: bool = False, tissue: TissueConfig | None = None, tiling: TilingConfig | None = None,
-                 stream: StreamConfig | None = None, heatmaps: Sequence[str] = ("attention", "tile_scores"),
-                 geojson: bool = True, overlay: bool = True, tumour_threshold: float = 0.5,
-                 threads: int | None = None, report: bool = True, report_config: ReportConfig | None = None,
-                 vlm: VLMConfig | None = None, tile_bank: str | os.PathLike[str] | None = None) -> None:
-        self.encoder = encoder if isinstance(encoder, Encoder) else Encoder.load(
-            encoder, weights=weights, providers=providers, allow_fallback=allow_fallback, threads=threads)
-        self.mil = mil if (mil is None or isinstance(mil, MILHead)) else MILHead.load(mil)
+    def __init__(self, config: RunConfig | str | os.PathLike[str] | None = None, *,
+                 encoder: str | os.PathLike[str] | Encoder | None = None,
+                 mil: Any = _GIVEN_BY_CONFIG, **settings: Any) -> None:
+        if isinstance(config, RunConfig):
+            base = config.replace(**settings)
+        else:
+            base = RunConfig.load(config, **settings)
+        if encoder is not None and not isinstance(encoder, Encoder):
+            base = base.replace(encoder=os.fspath(encoder))
+        if mil is None:
+            base = base._with("mil", {"mil": None}, {"mil.mil": "code"})
+        elif mil is not _GIVEN_BY_CONFIG and not isinstance(mil, MILHead):
+            base = base.replace(mil=os.fspath(mil))
+        self.encoder = encoder if isinstance(encoder, Encoder) else load_encoder(base)
+        self.mil = mil if isinstance(mil, MILHead) else load_mil(base)
         if self.mil is not None and self.mil.in_dim != self.encoder.embed_dim:
             raise ConfigError(f"the MIL head {self.mil.name!r} takes D={self.mil.in_dim} features but encoder "
                               f"{self.encoder.spec.name!r} gives {self.encoder.embed_dim}; use a head trained on this "
                               "encoder's features")
-        self.tissue = tissue or TissueConfig.from_env()
-        if tiling is None:
-            source = self.mil if (self.mil is not None and self.mil.target_mpp and self.mil.tile_px) else None
-            tiling = TilingConfig.from_env(
-                target_mpp=source.target_mpp if source else self.encoder.spec.target_mpp,
-                tile_px=source.tile_px if source else self.encoder.spec.patch_px)
-        self.tiling = tiling
-        self.stream = stream or StreamConfig.from_env()
-        unknown = set(heatmaps) - {"attention", "tile_scores", "tissue_fraction"}
-        if unknown:
-            raise ConfigError(f"unknown heatmap value(s) {sorted(unknown)}; choose attention, tile_scores, tissue_fraction")
-        self.heatmaps = tuple(heatmaps)
-        self.geojson = bool(geojson)
-        self.overlay = bool(overlay)
-        self.tumour_threshold = float(tumour_threshold)
-        self.report = bool(report) and self.mil is not None  # a report needs a slide call
-        self.report_config = report_config or ReportConfig.from_env()
-        self.vlm = vlm if vlm is not None else VLMConfig.from_env()
+        self.config = resolve_config(base, encoder=self.encoder, mil=self.mil)
+        self.report = self.config.outputs.report and self.mil is not None  # a report needs a slide call
         self.vlm_client = None
-        self.tile_bank_path = tile_bank
         self.tile_bank = None
         if self.report:
             from .report import TileBank
 
-            if self.vlm.enabled:
+            if self.config.vlm.enabled:
                 from .report.vlm import VLMClient
 
-                self.vlm_client = VLMClient(self.vlm)  # a remote endpoint without allow_remote fails here
-            if tile_bank is not None:
-                self.tile_bank = TileBank.open(tile_bank, self.encoder)
+                self.vlm_client = VLMClient(self.config.vlm)  # a remote endpoint without allow_remote fails here
+            if self.config.report.tile_bank is not None:
+                self.tile_bank = TileBank.open(self.config.report.tile_bank, self.encoder)
+
+    @property
+    def tiling(self):
+        """The resolved tiling (``config.tiling``)."""
+        return self.config.tiling
+
+    def config_key(self) -> str:
+        """The resume key (:meth:`RunConfig.key`): a store written with another key is stale."""
+        return self.config.key()
 
     def report_key(self) -> str | None:
         """A hash of the report settings (None without reports); a report with another key is stale."""
@@ -214,7 +241,7 @@ class Pipeline:
         from .report import report_key
 
         reference = self.mil.reference  # reports exist only with a head
-        return report_key(self.report_config, self.vlm, self.tile_bank_path,
+        return report_key(self.config.report, self.config.vlm, self.config.report.tile_bank,
                           reference.source if reference is not None else None)
 
     def write_report(self, store: Any, out: str | os.PathLike[str], *, slide: Slide | str | os.PathLike[str] | None = None,
@@ -223,32 +250,11 @@ class Pipeline:
         pipeline's report settings; returns ``SLIDE_ID.report.json``."""
         from .report import make_report
 
-        rep = make_report(store, out, config=self.report_config, vlm=self.vlm_client or self.vlm, slide=slide,
+        rep = make_report(store, out, config=self.config.report, vlm=self.vlm_client or self.config.vlm, slide=slide,
                           reference=self.mil.reference, tile_bank=self.tile_bank, slide_id=slide_id,
                           key=self.report_key())
         assert rep.json_path is not None
         return rep.json_path
-
-    def describe(self) -> dict[str, Any]:
-        """The configuration recorded in every store (JSON-ready)."""
-        return {"tissue": self.tissue.to_dict(), "tiling": self.tiling.to_dict(), "stream": self.stream.to_dict(),
-                "heatmaps": list(self.heatmaps), "tumour_threshold": self.tumour_threshold}
-
-    def config_key(self) -> str:
-        """A hash of everything that changes results: the configs, the encoder and MIL files. A
-        store written with another key is stale (``wsiengine run`` redoes it)."""
-        import hashlib
-        import json
-
-        stream = self.stream.to_dict()
-        for name in ("batch_size", "num_workers", "max_in_flight", "ordered"):  # affect speed, not results
-            stream.pop(name, None)
-        payload = {**self.describe(), "stream": stream, "encoder": self.encoder.describe()["sha256"],
-                   "encoder_spec": self.encoder.spec.to_dict(),
-                   "mil": self.mil.config.get("sha256") if self.mil is not None else None,
-                   "mil_threshold": self.mil.threshold if self.mil is not None else None,
-                   "geojson": self.geojson, "overlay": self.overlay}
-        return hashlib.sha256(json.dumps(payload, sort_keys=True, default=str).encode()).hexdigest()[:32]
 
     def _mil_provenance(self) -> dict[str, Any] | None:
         if self.mil is None:
@@ -257,6 +263,15 @@ class Pipeline:
                 "sha256": self.mil.config.get("sha256"), "threshold": self.mil.threshold,
                 "encoder": self.mil.encoder, "class_names": self.mil.class_names,
                 "target_mpp": self.mil.target_mpp, "tile_px": self.mil.tile_px}
+
+    def open(self, slide: str | os.PathLike[str], *, mpp: tuple[float, float] | float | None = None) -> Slide:
+        """Open ``slide`` with the run's slide settings (backend, ``mpp``/``mpp_csv``, ``force_mpp``);
+        ``mpp`` given here beats the configured one."""
+        return open_run_slide(slide, self.config.slide, mpp=mpp)
+
+    def plan(self, slide: Slide) -> tuple[TissueMask, TileGrid]:
+        """Tissue mask (with its thumbnail) and tile grid of ``slide``: the grid every command plans."""
+        return plan_slide(slide, self.config, keep_thumbnail=True)
 
     def run(self, slide: str | os.PathLike[str] | Slide, out: str | os.PathLike[str], *,
             slide_id: str | None = None, mpp: tuple[float, float] | float | None = None,
@@ -272,124 +287,183 @@ class Pipeline:
         Raises the stage's error (:class:`~wsiengine.errors.SlideOpenError`,
         :class:`~wsiengine.errors.MissingMppError`, ...) with nothing published.
         """
-        from .geojson import export_slide_geojson
-        from .heatmap import render_overlay, save_overlay_png, tile_raster, write_heatmap
-        from .store import slide_fingerprint
-        from .tissue import detect_tissue
-
-        t = {"start": time.perf_counter()}
+        clock = _Clock()
         own = not isinstance(slide, Slide)
-        slide_obj = open_slide(slide, mpp=mpp) if own else slide
+        slide_obj = self.open(slide, mpp=mpp) if own else slide
         try:
             sid = slide_id or slide_id_for(slide_obj.path)
             out_dir = Path(out)
             out_dir.mkdir(parents=True, exist_ok=True)
-            t["open"] = time.perf_counter()
-            mask = detect_tissue(slide_obj, config=self.tissue, keep_thumbnail=True)
-            t["tissue"] = time.perf_counter()
-            grid = plan_tiles(slide_obj, mask, config=self.tiling)
-            t["tiling"] = time.perf_counter()
-            attrs = {
-                "slide_id": sid,
-                "slide": {"path": str(slide_obj.path), "name": slide_obj.path.name,
-                          "dimensions": list(slide_obj.dimensions), "mpp": list(slide_obj.mpp),
-                          "mpp_source": slide_obj.mpp_source, "backend": slide_obj.backend_name,
-                          "vendor": slide_obj.vendor, "fingerprint": slide_fingerprint(slide_obj.path)},
-                "config": self.describe(),
-                "encoder": self.encoder.describe(),
-                "mil": self._mil_provenance(),
-                "config_key": self.config_key(),
-            }
+            clock.mark("open")
+            mask, grid = plan_slide(slide_obj, self.config, keep_thumbnail=True, on_stage=clock.mark)
             store_path = out_dir / f"{sid}.zarr"
-            prediction = None
-            extra: dict[str, Path] = {}
-            with FeatureWriter(store_path, grid, self.encoder.embed_dim, attrs=attrs) as writer:
-                from tqdm.auto import tqdm
-
-                with tqdm(total=len(grid), unit="tile", desc=sid, disable=not progress, leave=False) as bar:
-                    if len(grid):
-                        batches = (embed(slide_obj, grid) if embed is not None else
-                                   self.encoder.stream(slide_obj, grid, self.stream.batch_size, config=self.stream))
-                        for index, features in batches:
-                            writer.write(index, features)
-                            bar.update(len(index))
-                t["embed"] = time.perf_counter()
-                if self.mil is not None and len(grid):
-                    prediction = self.mil.predict(writer.group["features"][:])
-                    writer.add_array("attention", prediction.attention)
-                    writer.add_array("tile_scores", prediction.tile_scores)
-                t["mil"] = time.perf_counter()
-                writer.add_array("tissue_mask", mask.raster.astype(np.uint8), attrs={
-                    "mask_mpp": list(mask.mask_mpp), "level0_per_mask_px": list(mask.level0_per_mask_px)})
-                if mask.thumbnail is not None:
-                    writer.add_array("thumbnail", mask.thumbnail, attrs={
-                        "mpp": list(mask.mask_mpp), "level0_per_px": list(mask.level0_per_mask_px)})
-                values = {"tissue_fraction": grid.tissue_fraction}
-                if prediction is not None:
-                    values.update(attention=prediction.attention / prediction.attention.max(),
-                                  tile_scores=prediction.tile_scores)
-                rasters = {}
-                for name in self.heatmaps:
-                    if name in values and len(grid):
-                        rasters[name] = tile_raster(grid, values[name])
-                        write_heatmap(writer.group, name, rasters[name], attrs={
-                            "note": "attention divided by its maximum" if name == "attention" else ""})
-                tmp_files: list[tuple[Path, Path]] = []
-                try:
-                    if self.geojson:
-                        tmp = out_dir / f".{sid}.geojson.partial"
-                        export_slide_geojson(
-                            tmp, tissue=mask, grid=grid if prediction is not None else None,
-                            scores=prediction.tile_scores if prediction is not None else None,
-                            threshold=self.tumour_threshold, mpp=slide_obj.mpp, slide_id=sid, gzip=False)
-                        tmp_files.append((tmp, out_dir / f"{sid}.geojson"))
-                    shown = "tile_scores" if "tile_scores" in rasters else next(iter(rasters), None)
-                    if self.overlay and shown and mask.thumbnail is not None:
-                        image = render_overlay(mask.thumbnail, tuple(mask.level0_per_mask_px), rasters[shown],
-                                               label="tumour probability" if shown == "tile_scores" else shown)
-                        tmp = out_dir / f".{sid}.heatmap.partial.png"
-                        save_overlay_png(tmp, image)
-                        tmp_files.append((tmp, out_dir / f"{sid}.heatmap.png"))
-                    t["outputs"] = time.perf_counter()
-                    timings = _stage_seconds(t)
-                    summary = None
-                    if prediction is not None:
-                        summary = {"probability": prediction.probability, "label": prediction.label,
-                                   "label_name": self.mil.class_names[prediction.label],
-                                   "threshold": prediction.threshold, "n_tiles": prediction.n_tiles,
-                                   "top_attention_tile": int(prediction.attention.argmax())}
-                    status = "ok" if len(grid) else "no_tissue"
-                    for tmp, final in tmp_files:
-                        extra[final.suffix] = _publish(tmp, final)
+            with FeatureWriter(store_path, grid, self.encoder.embed_dim, attrs=self._store_attrs(slide_obj, sid, out_dir)
+                               ) as writer:
+                self._embed(slide_obj, grid, writer, sid, progress, embed)
+                clock.mark("embed")
+                prediction = self._predict(writer, grid)
+                clock.mark("mil")
+                rasters = _write_rasters(writer, mask, grid, prediction, self.config.outputs.heatmaps)
+                status = "ok" if len(grid) else "no_tissue"
+                summary = self._prediction_summary(prediction)
+                with _Staged(out_dir) as staged:
+                    self._side_outputs(staged, sid, slide_obj, mask, grid, prediction, rasters)
+                    clock.mark("outputs")
+                    published = staged.publish()
                     if self.report:
                         from .store import ResultStore
 
                         writer.group.attrs.update(prediction=summary, status=status)
-                        extra[".report"] = self.write_report(ResultStore(store_path, writer.group), out_dir,
-                                                             slide=slide_obj, slide_id=sid)
-                        timings = _stage_seconds({**t, "report": time.perf_counter()})
-                    writer.commit(prediction=summary, timings=timings, status=status)
-                finally:
-                    for tmp, _ in tmp_files:
-                        tmp.unlink(missing_ok=True)
+                        published[".report"] = self.write_report(ResultStore(store_path, writer.group), out_dir,
+                                                                 slide=slide_obj, slide_id=sid)
+                        clock.mark("report")
+                    writer.commit(prediction=summary, timings=clock.seconds(), status=status)
             if not len(grid):
                 logger.warning("%s: no tissue tiles; the store records status no_tissue and no prediction", sid)
-            result = SlideResult(slide_id=sid, store=store_path, geojson=extra.get(".geojson"),
-                                 overlay=extra.get(".png"), report=extra.get(".report"), prediction=prediction, n_tiles=len(grid),
-                                 status=status, timings=timings)
+            timings = clock.seconds()
             logger.info("%s: %s in %.1f s", sid, "no tissue" if prediction is None else
                         f"p={prediction.probability:.3f} label={prediction.label}", timings["total"])
-            return result
+            return SlideResult(slide_id=sid, store=store_path, geojson=published.get(".geojson"),
+                               overlay=published.get(".png"), report=published.get(".report"), prediction=prediction,
+                               n_tiles=len(grid), status=status, timings=timings)
         finally:
             if own:
                 slide_obj.close()
 
+    # -- the stages of run() ------------------------------------------------------------------
+    def _store_attrs(self, slide: Slide, sid: str, out_dir: Path) -> dict[str, Any]:
+        return {"slide_id": sid, "slide": slide_attrs(slide, out_dir), "config": self.config.to_dict(),
+                "encoder": self.encoder.describe(), "mil": self._mil_provenance(), "config_key": self.config.key()}
 
-def _stage_seconds(t: dict[str, float]) -> dict[str, float]:
-    order = ["start", "open", "tissue", "tiling", "embed", "mil", "outputs", "report"]
-    out = {}
-    for prev, cur in zip(order, order[1:]):
-        if cur in t and prev in t:
-            out[cur] = round(t[cur] - t[prev], 3)
-    out["total"] = round(max(t.values()) - t["start"], 3)
-    return out
+    def _embed(self, slide: Slide, grid: TileGrid, writer: FeatureWriter, sid: str, progress: bool,
+               embed: EmbedFunction | None) -> None:
+        from tqdm.auto import tqdm
+
+        if not len(grid):
+            return
+        stream = self.config.stream
+        batches = embed(slide, grid) if embed is not None else self.encoder.stream(slide, grid, stream.batch_size,
+                                                                                   config=stream)
+        with tqdm(total=len(grid), unit="tile", desc=sid, disable=not progress, leave=False) as bar:
+            for index, features in batches:
+                writer.write(index, features)
+                bar.update(len(index))
+
+    def _predict(self, writer: FeatureWriter, grid: TileGrid) -> SlidePrediction | None:
+        if self.mil is None or not len(grid):
+            return None
+        prediction = self.mil.predict(writer.group["features"][:])
+        writer.add_array("attention", prediction.attention)
+        writer.add_array("tile_scores", prediction.tile_scores)
+        return prediction
+
+    def _prediction_summary(self, prediction: SlidePrediction | None) -> dict[str, Any] | None:
+        if prediction is None:
+            return None
+        return {"probability": prediction.probability, "label": prediction.label,
+                "label_name": self.mil.class_names[prediction.label], "threshold": prediction.threshold,
+                "n_tiles": prediction.n_tiles, "top_attention_tile": int(prediction.attention.argmax())}
+
+    def _side_outputs(self, staged: "_Staged", sid: str, slide: Slide, mask: TissueMask, grid: TileGrid,
+                      prediction: SlidePrediction | None, rasters: dict[str, np.ndarray]) -> None:
+        """GeoJSON and overlay PNG under temporary names in ``staged``."""
+        from .geojson import export_slide_geojson
+        from .heatmap import render_overlay, save_overlay_png
+
+        outputs = self.config.outputs
+        if outputs.geojson:
+            export_slide_geojson(
+                staged.path(f"{sid}.geojson"), tissue=mask, grid=grid if prediction is not None else None,
+                scores=prediction.tile_scores if prediction is not None else None,
+                threshold=self.config.mil.tile_threshold, mpp=slide.mpp, slide_id=sid, gzip=False)
+        shown = "tile_scores" if "tile_scores" in rasters else next(iter(rasters), None)
+        if outputs.overlay and shown and mask.thumbnail is not None:
+            image = render_overlay(mask.thumbnail, tuple(mask.level0_per_mask_px), rasters[shown],
+                                   label="tumour probability" if shown == "tile_scores" else shown)
+            save_overlay_png(staged.path(f"{sid}.heatmap.png"), image)
+
+
+def plan_slide(slide: Slide, config: RunConfig, *, keep_thumbnail: bool = False,
+               on_stage: Callable[[str], None] | None = None) -> tuple[TissueMask, TileGrid]:
+    """Tissue mask and tile grid of ``slide`` from a resolved run configuration: what ``run``,
+    ``embed``, ``tiles`` and ``doctor`` all plan. ``on_stage("tissue")`` and
+    ``on_stage("tiling")`` are called as each finishes (timings)."""
+    from .tissue import detect_tissue
+
+    mask = detect_tissue(slide, config=config.tissue, keep_thumbnail=keep_thumbnail)
+    if on_stage is not None:
+        on_stage("tissue")
+    grid = plan_tiles(slide, mask, config=config.stage_tiling())
+    if on_stage is not None:
+        on_stage("tiling")
+    return mask, grid
+
+
+def _write_rasters(writer: FeatureWriter, mask: TissueMask, grid: TileGrid, prediction: SlidePrediction | None,
+                   names: tuple[str, ...]) -> dict[str, np.ndarray]:
+    """Tissue mask, thumbnail and the ``names`` heatmaps into the store; returns the heatmap rasters."""
+    from .heatmap import tile_raster, write_heatmap
+
+    writer.add_array("tissue_mask", mask.raster.astype(np.uint8), attrs={
+        "mask_mpp": list(mask.mask_mpp), "level0_per_mask_px": list(mask.level0_per_mask_px)})
+    if mask.thumbnail is not None:
+        writer.add_array("thumbnail", mask.thumbnail, attrs={
+            "mpp": list(mask.mask_mpp), "level0_per_px": list(mask.level0_per_mask_px)})
+    values = {"tissue_fraction": grid.tissue_fraction}
+    if prediction is not None:
+        values.update(attention=prediction.attention / prediction.attention.max(), tile_scores=prediction.tile_scores)
+    rasters = {}
+    for name in names:
+        if name in values and len(grid):
+            rasters[name] = tile_raster(grid, values[name])
+            write_heatmap(writer.group, name, rasters[name], attrs={
+                "note": "attention divided by its maximum" if name == "attention" else ""})
+    return rasters
+
+
+class _Staged:
+    """Side files of one slide written under temporary names in ``out_dir``, renamed into place
+    by :meth:`publish`; whatever was not published is removed on exit."""
+
+    def __init__(self, out_dir: Path) -> None:
+        self.out_dir = out_dir
+        self.files: list[tuple[Path, Path]] = []
+
+    def path(self, name: str) -> Path:
+        final = self.out_dir / name
+        tmp = self.out_dir / f".{final.stem}.partial{final.suffix}"
+        self.files.append((tmp, final))
+        return tmp
+
+    def publish(self) -> dict[str, Path]:
+        """Rename every staged file into place; ``{suffix: final path}``."""
+        published = {}
+        for tmp, final in self.files:
+            if tmp.exists():
+                os.replace(tmp, final)
+                published[final.suffix] = final
+        return published
+
+    def __enter__(self) -> "_Staged":
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        for tmp, _ in self.files:
+            tmp.unlink(missing_ok=True)
+
+
+class _Clock:
+    """Seconds per stage of one run (``open``, ``tiling``, ``embed``, ``mil``, ``outputs``,
+    ``report``, ``total``)."""
+
+    def __init__(self) -> None:
+        self.start = self.last = time.perf_counter()
+        self.stages: dict[str, float] = {}
+
+    def mark(self, stage: str) -> None:
+        now = time.perf_counter()
+        self.stages[stage] = round(now - self.last, 3)
+        self.last = now
+
+    def seconds(self) -> dict[str, float]:
+        return {**self.stages, "total": round(self.last - self.start, 3)}

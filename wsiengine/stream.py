@@ -27,9 +27,9 @@ from __future__ import annotations
 import logging
 import queue
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeVar
 
 import dask
 import dask.threaded  # noqa: F401 - imported up front, not on the first batch
@@ -39,7 +39,9 @@ from .config import StreamConfig
 from .slide import Slide, resize_area
 from .tiling import TileGrid
 
-__all__ = ["PatchBatch", "stream_patches", "read_patches", "iter_chunks"]
+__all__ = ["PatchBatch", "stream_patches", "read_patches", "iter_chunks", "bounded_as_completed"]
+
+T = TypeVar("T")
 
 logger = logging.getLogger("wsiengine")
 
@@ -159,7 +161,8 @@ def stream_patches(
     ------
     PatchBatch
     """
-    config = StreamConfig.resolve(config, batch_size=batch_size, num_workers=num_workers, max_in_flight=max_in_flight, ordered=ordered)
+    config = StreamConfig.given(config, batch_size=batch_size, num_workers=num_workers, max_in_flight=max_in_flight,
+                                ordered=ordered)
     if len(grid) == 0:
         return iter(())
     # Small grids are cut finer so every worker has a share (batches then hold fewer patches).
@@ -241,26 +244,45 @@ def _put_until_cancelled(results: queue.Queue, item: object, cancelled: threadin
             continue
 
 
-def _stream_distributed(client: Any, slide: Slide, grid: TileGrid, chunks: list[np.ndarray], config: StreamConfig) -> Iterator[PatchBatch]:
+def bounded_as_completed(client: Any, submit: Callable[[T], Any], items: Iterable[T], limit: int
+                         ) -> Iterator[tuple[T, Any]]:
+    """Run ``submit(item)`` (which returns a Dask future) for each of ``items`` with at most
+    ``limit`` futures outstanding; yield ``(item, finished future)`` in completion order.
+    Memory is bounded by ``limit`` results whatever the number of items; futures still
+    pending when the consumer stops are cancelled."""
     from distributed import as_completed
 
-    limit = config.max_in_flight + max(1, sum(client.nthreads().values()))
-    slide_future = client.scatter(slide, broadcast=True, hash=False)
-    grid_future = client.scatter(grid, broadcast=True, hash=False)
-    pending = iter(chunks)
+    pending = iter(items)
     futures = as_completed()
-    for chunk in pending:
-        futures.add(client.submit(read_patches, slide_future, grid_future, chunk, pure=False))
+    items_by_key: dict[str, T] = {}
+
+    def add(item: T) -> None:
+        future = submit(item)
+        items_by_key[future.key] = item
+        futures.add(future)
+
+    for item in pending:
+        add(item)
         if futures.count() >= limit:
             break
     try:
         for future in futures:
-            batch = future.result()
-            future.release()
+            item = items_by_key.pop(future.key)
             nxt = next(pending, None)
             if nxt is not None:
-                futures.add(client.submit(read_patches, slide_future, grid_future, nxt, pure=False))
-            yield batch
+                add(nxt)
+            yield item, future
     finally:
         for future in list(futures.futures):
             future.cancel()
+
+
+def _stream_distributed(client: Any, slide: Slide, grid: TileGrid, chunks: list[np.ndarray], config: StreamConfig) -> Iterator[PatchBatch]:
+    limit = config.max_in_flight + max(1, sum(client.nthreads().values()))
+    slide_future = client.scatter(slide, broadcast=True, hash=False)
+    grid_future = client.scatter(grid, broadcast=True, hash=False)
+    submit = lambda chunk: client.submit(read_patches, slide_future, grid_future, chunk, pure=False)  # noqa: E731
+    for _, future in bounded_as_completed(client, submit, chunks, limit):
+        batch = future.result()
+        future.release()
+        yield batch

@@ -146,16 +146,18 @@ def plan_tiles(
         Regions of interest in level-0 pixels: keep patches whose centre lies inside
         ``include`` and outside ``exclude``.
     config : TilingConfig, optional
-        Defaults for the arguments above; explicit arguments win.
+        Defaults for the arguments above; explicit arguments win. Unset ``target_mpp`` /
+        ``tile_px`` mean 0.5 µm/px and 224 px.
 
     Raises
     ------
     ResolutionError
         ``target_mpp`` finer than level 0 (beyond tolerance) without ``allow_upsample``.
     NoTissueError
-        No patch kept and ``config.on_empty == "raise"``.
+        No patch kept and ``config.on_no_tiles == "raise"``.
     """
-    config = TilingConfig.resolve(config, target_mpp=target_mpp, tile_px=tile_px, overlap_px=overlap_px, min_tissue=min_tissue)
+    config = TilingConfig.given(config, target_mpp=target_mpp, tile_px=tile_px, overlap_px=overlap_px,
+                                min_tissue=min_tissue).with_defaults()
     plan = slide.plan_read((config.tile_px, config.tile_px), config.target_mpp, allow_upsample=config.allow_upsample)
     level = plan.level
     downsample = slide.level_downsamples[level]
@@ -211,7 +213,7 @@ def plan_tiles(
             f"({rows}x{cols} lattice at {config.target_mpp} µm/px, {config.tile_px} px). "
             "Lower min_tissue, check the tissue mask, or widen the ROI."
         )
-        if config.on_empty == "raise":
+        if config.on_no_tiles == "raise":
             raise NoTissueError(message)
         logger.warning(message)
     return grid

@@ -8,7 +8,7 @@ opening -> filling of small holes -> removal of small objects. Areas and radii a
 micrometres and converted to mask pixels here.
 
 No tissue is a result, not an error: the mask is empty and a warning is logged, unless
-``on_empty="raise"`` asks for :class:`~wsiengine.errors.NoTissueError`.
+``TissueConfig(on_no_tissue="raise")`` asks for :class:`~wsiengine.errors.NoTissueError`.
 """
 
 from __future__ import annotations
@@ -153,9 +153,9 @@ def detect_tissue(
     Returns
     -------
     TissueMask
-        Possibly empty (see ``on_empty``).
+        Possibly empty (see ``TissueConfig.on_no_tissue``).
     """
-    config = config or TissueConfig.from_env()
+    config = config or TissueConfig()
     target = float(mask_mpp or config.mask_mpp)
     w0, h0 = slide.dimensions
     mx, my = slide.mpp
@@ -194,7 +194,7 @@ def detect_tissue(
             "If the slide has faint tissue, lower TissueConfig.min_object_um2 or disable pen rejection; "
             "or tile without a mask: plan_tiles(slide, None, ...)."
         )
-        if config.on_empty == "raise":
+        if config.on_no_tissue == "raise":
             raise NoTissueError(message)
         logger.warning(message)
     return mask

@@ -137,7 +137,8 @@ def make_report(store: "str | os.PathLike[str] | ResultStore", out_dir: str | os
                 slide: "Slide | str | os.PathLike[str] | None" = None,
                 reference: "EmbeddingReference | str | None" = "auto",
                 tile_bank: TileBank | str | os.PathLike[str] | None = None, encoder: "Encoder | None" = None,
-                slide_id: str | None = None, write: bool = True, key: str | None = None) -> Report:
+                slide_id: str | None = None, write: bool = True, key: str | None = None,
+                tile_threshold: float | None = None) -> Report:
     """Make a slide's report from its result store.
 
     Parameters
@@ -147,9 +148,11 @@ def make_report(store: "str | os.PathLike[str] | ResultStore", out_dir: str | os
     out_dir : path, optional
         Where the report files go (default: the store's folder).
     config : ReportConfig, optional
+        Default: the run configuration's (:meth:`wsiengine.config.RunConfig.load`: TOML file,
+        ``WSIENGINE_*`` environment, :func:`~wsiengine.config.set_defaults`).
     vlm : VLMConfig or VLMClient, optional
-        An OpenAI-compatible endpoint to phrase the narrative (default: none, or
-        ``WSIENGINE_VLM_URL``/``WSIENGINE_VLM_MODEL``). Non-loopback URLs need ``allow_remote``.
+        An OpenAI-compatible endpoint to phrase the narrative (default: the run configuration's:
+        none, or ``WSIENGINE_VLM_URL``/``WSIENGINE_VLM_MODEL``). Non-loopback URLs need ``allow_remote``.
         A client is reused (it remembers a text-only server).
     slide : Slide or path, optional
         The slide for the evidence PNGs (default: the recorded path, if it is still the same file).
@@ -157,13 +160,15 @@ def make_report(store: "str | os.PathLike[str] | ResultStore", out_dir: str | os
         Training embeddings for the OOD flag; "auto" takes the MIL head's ``reference.npz``.
     tile_bank : TileBank or path, optional
         Labelled tiles for the few-shot second opinion (an ``.npz`` or a folder of class folders;
-        a folder needs ``encoder``).
+        a folder needs ``encoder``); default ``config.tile_bank``.
     slide_id : str, optional
         Names the files (default: the store's recorded id).
     write : bool
         False builds the document without writing files or evidence PNGs.
     key : str, optional
         The report key to record (default: :func:`report_key` of these settings).
+    tile_threshold : float, optional
+        Tile score at or above which tiles form deposits (default: the one the store's run used).
 
     Raises
     ------
@@ -174,12 +179,18 @@ def make_report(store: "str | os.PathLike[str] | ResultStore", out_dir: str | os
     """
     from ..store import ResultStore, open_result
 
-    config = config or ReportConfig.from_env()
+    if config is None or vlm is None:  # an entry point: the run configuration, resolved once here
+        from ..config import RunConfig
+
+        run_config = RunConfig.load()
+        config = config or run_config.report
+        vlm = vlm if vlm is not None else run_config.vlm
+    if tile_bank is None:
+        tile_bank = config.tile_bank
     client = None
-    if vlm is not None and not isinstance(vlm, VLMConfig):  # a VLMClient, reused
+    if not isinstance(vlm, VLMConfig):  # a VLMClient, reused
         client, vlm = vlm, vlm.config
     else:
-        vlm = vlm if vlm is not None else VLMConfig.from_env()
         if vlm.enabled:
             from .vlm import VLMClient
 
@@ -193,7 +204,7 @@ def make_report(store: "str | os.PathLike[str] | ResultStore", out_dir: str | os
         from ..ood import EmbeddingReference
 
         reference = EmbeddingReference.load(reference)
-    findings = build_findings(result, config=config, reference=reference)
+    findings = build_findings(result, config=config, reference=reference, tile_threshold=tile_threshold)
     evidence = findings["evidence"]
     report_flags: list[str] = []
 

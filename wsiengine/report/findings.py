@@ -187,8 +187,17 @@ def _tiling_mismatch(mil: dict[str, Any] | None, grid: dict[str, Any]) -> str | 
             f"on {int(trained_px)} px at {float(trained_mpp):g} µm/px; its scores may not transfer.")
 
 
+def recorded_tile_threshold(store: "ResultStore") -> float:
+    """The tile threshold the store's run used (``config.mil.tile_threshold``; 0.5 for stores
+    written before it was recorded)."""
+    config = store.config or {}
+    mil = config.get("mil") if isinstance(config.get("mil"), dict) else {}
+    value = mil.get("tile_threshold", config.get("tumour_threshold", 0.5))
+    return float(value)
+
+
 def build_findings(store: "ResultStore", *, config: ReportConfig | None = None,
-                   reference: "EmbeddingReference | None" = None) -> dict[str, Any]:
+                   reference: "EmbeddingReference | None" = None, tile_threshold: float | None = None) -> dict[str, Any]:
     """The structured findings of a slide (a JSON-ready dict; see ``schema.json``).
 
     Parameters
@@ -200,6 +209,9 @@ def build_findings(store: "ResultStore", *, config: ReportConfig | None = None,
     reference : EmbeddingReference, optional
         The MIL head's training embeddings; without it the OOD check is not run
         (``qc.ood_fraction`` is null).
+    tile_threshold : float, optional
+        Tile score at or above which tiles form deposits (default: the store's run's,
+        :func:`recorded_tile_threshold`).
 
     Returns
     -------
@@ -207,7 +219,7 @@ def build_findings(store: "ResultStore", *, config: ReportConfig | None = None,
         ``metastasis``, ``category``, ``deposits``, ``extranodal_extension``, ``evidence`` (without
         images; :func:`wsiengine.report.make_report` adds them), ``qc``, ``second_opinion`` (null).
     """
-    config = config or ReportConfig.from_env()
+    config = config or ReportConfig()
     slide = store.slide
     if not slide.get("mpp"):
         raise ReportError(f"'{store.path.name}' records no slide resolution (mpp); rerun the slide with this wsiengine")
@@ -215,9 +227,8 @@ def build_findings(store: "ResultStore", *, config: ReportConfig | None = None,
     prediction = store.prediction
     attention, scores = store.attention, store.tile_scores
     n_tiles = store.n_tiles
-    tile_threshold = config.tile_threshold
     if tile_threshold is None:
-        tile_threshold = float(store.config.get("tumour_threshold", 0.5))
+        tile_threshold = recorded_tile_threshold(store)
     flags: list[QCFlag] = []
 
     if prediction is None:

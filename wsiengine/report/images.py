@@ -22,6 +22,19 @@ __all__ = ["open_slide_for_evidence", "evidence_images", "thumbnail_image", "hea
 DISPLAY_MIN_PX = 512
 
 
+def recorded_slide_paths(store: "ResultStore") -> list[Path]:
+    """Where the store's slide may be: its recorded absolute path, then its path relative to the
+    results folder (for a results tree moved together with its slides), then, for stores of
+    older versions, the recorded path relative to the working directory."""
+    info = store.slide or {}
+    paths = []
+    if info.get("path"):
+        paths.append(Path(info["path"]))
+    if info.get("path_from_results"):
+        paths.append(Path(str(store.path)).parent / info["path_from_results"])
+    return paths
+
+
 def open_slide_for_evidence(store: "ResultStore", slide: "Slide | str | os.PathLike[str] | None"
                             ) -> tuple["Slide | None", bool, str | None]:
     """The slide to read evidence tiles from: ``(slide, opened here, reason it is unavailable)``.
@@ -35,11 +48,13 @@ def open_slide_for_evidence(store: "ResultStore", slide: "Slide | str | os.PathL
     if isinstance(slide, Slide):
         return slide, False, None
     info = store.slide
-    if not info.get("path") and slide is None:
+    candidates = [Path(slide)] if slide is not None else recorded_slide_paths(store)
+    if not candidates:
         return None, False, "the store records no slide path"
-    path = Path(slide) if slide is not None else Path(info["path"])
-    if not path.exists():
-        return None, False, f"slide '{path.name}' is not at its recorded path; pass slide= (--slide) to make tiles"
+    path = next((p for p in candidates if p.exists()), None)
+    if path is None:
+        return None, False, (f"slide '{candidates[0].name}' is not at its recorded path; pass slide= (--slide) to make "
+                             "tiles")
     expected = info.get("fingerprint")
     if expected and slide_fingerprint(path) != expected:
         return None, False, f"'{path.name}' is not the file the store was made from (its content differs)"

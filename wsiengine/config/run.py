@@ -1,0 +1,192 @@
+"""RunConfig: every setting of a run, nested by stage, frozen, built once.
+
+>>> config = RunConfig.load()                                  # defaults, TOML file, environment
+>>> config = RunConfig.load("run.toml", target_mpp=0.5, tile_px=224)   # + explicit arguments
+>>> config.tiling.target_mpp, config.source("tiling.target_mpp")      # (0.5, 'code')
+>>> config.key()                                               # the resume key
+
+The order is fixed (:mod:`wsiengine.config.sources`): defaults, a TOML file (``file=`` or
+``$WSIENGINE_CONFIG``), ``WSIENGINE_*`` variables, :func:`set_defaults`, explicit arguments,
+command-line flags. ``target_mpp``/``tile_px`` left unset are filled once by
+:meth:`RunConfig.resolve_tiling` from the MIL head, else the encoder, else the defaults; the
+models' hashes are filled by :meth:`RunConfig.with_models`. Stages receive the sections'
+plain values and never read the environment.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import logging
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any, ClassVar
+
+from ..errors import ConfigError
+from .sections import (
+    DEFAULT_TARGET_MPP,
+    DEFAULT_TILE_PX,
+    BatchConfig,
+    EncoderConfig,
+    MILConfig,
+    OutputsConfig,
+    ReportConfig,
+    SlideConfig,
+    StreamConfig,
+    TilingConfig,
+    TissueConfig,
+    VLMConfig,
+)
+from .sources import CONFIG_FILE_ENV, FieldInfo, Layers, code_overrides, fields_of
+from .tiling import ModelTiling, tiling_mismatch_message
+
+__all__ = ["RunConfig", "DEFAULT_SOURCE"]
+
+logger = logging.getLogger("wsiengine")
+
+DEFAULT_SOURCE = "default"
+#: Sections that change a slide's results (the resume key); the others change speed or bookkeeping.
+_RESULT_SECTIONS = ("tissue", "tiling", "encoder", "mil", "outputs")
+#: Fields of those sections that do not change results.
+_NOT_RESULTS = frozenset({"providers", "allow_fallback", "threads", "fp16", "device_id", "trt_cache_dir", "report",
+                          "encoder", "encoder_weights", "mil"})
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    """Every setting of a run (see the module docstring). Hashable and picklable; ``sources``
+    (where each value came from) is carried along but takes no part in equality."""
+
+    slide: SlideConfig = field(default_factory=SlideConfig)
+    tissue: TissueConfig = field(default_factory=TissueConfig)
+    tiling: TilingConfig = field(default_factory=TilingConfig)
+    stream: StreamConfig = field(default_factory=StreamConfig)
+    encoder: EncoderConfig = field(default_factory=EncoderConfig)
+    mil: MILConfig = field(default_factory=MILConfig)
+    outputs: OutputsConfig = field(default_factory=OutputsConfig)
+    report: ReportConfig = field(default_factory=ReportConfig)
+    vlm: VLMConfig = field(default_factory=VLMConfig)
+    batch: BatchConfig = field(default_factory=BatchConfig)
+    sources: tuple[tuple[str, str], ...] = field(default=(), compare=False, repr=False)
+
+    SECTIONS: ClassVar[dict[str, type]] = {
+        "slide": SlideConfig, "tissue": TissueConfig, "tiling": TilingConfig, "stream": StreamConfig,
+        "encoder": EncoderConfig, "mil": MILConfig, "outputs": OutputsConfig, "report": ReportConfig,
+        "vlm": VLMConfig, "batch": BatchConfig,
+    }
+
+    # -- building ----------------------------------------------------------------------------
+    @classmethod
+    def fields(cls) -> dict[str, FieldInfo]:
+        """Every setting by flat name (``target_mpp`` -> section ``tiling``, type, help)."""
+        return fields_of(cls.SECTIONS)
+
+    @classmethod
+    def load(cls, file: str | os.PathLike[str] | None = None, *, env: Mapping[str, str] | None = None,
+             cli: Mapping[str, Any] | None = None, cli_text: bool = False, **code: Any) -> "RunConfig":
+        """Build from every source in order: defaults, the TOML ``file`` (else ``$WSIENGINE_CONFIG``),
+        ``env`` (default ``os.environ``), :func:`set_defaults`, the ``code`` keyword arguments
+        (flat or dotted names, or whole sections as dataclasses or mappings; None means not
+        given), then ``cli`` (``{name: value}``, labelled ``command line``; strings parsed by
+        type when ``cli_text``)."""
+        env = os.environ if env is None else env
+        layers = Layers(cls.SECTIONS)
+        path = file if file is not None else env.get(CONFIG_FILE_ENV)
+        if path:
+            layers.apply_file(path)
+        layers.apply_env(env)
+        layers.apply_mapping(code_overrides(), "code (set_defaults)")
+        layers.apply_mapping({k: v for k, v in code.items() if v is not None}, "code")
+        for name, value in (cli or {}).items():
+            layers.set(name, value, f"command line --{name.split('.')[-1].replace('_', '-')}", text=cli_text)
+        return cls(**layers.build(), sources=tuple(sorted(layers.sources.items())))
+
+    def replace(self, **changes: Any) -> "RunConfig":
+        """A copy with settings changed in code (flat or dotted names, or whole sections)."""
+        layers = Layers(self.SECTIONS)
+        for section in self.SECTIONS:
+            layers.values[section] = dataclasses.asdict(getattr(self, section))
+        layers.sources.update(self.sources)
+        layers.apply_mapping({k: v for k, v in changes.items() if v is not None}, "code")
+        return RunConfig(**layers.build(), sources=tuple(sorted(layers.sources.items())))
+
+    def _with(self, section: str, changes: dict[str, Any], sources: dict[str, str]) -> "RunConfig":
+        merged = dict(self.sources)
+        merged.update(sources)
+        return dataclasses.replace(self, **{section: getattr(self, section).replace(**changes)},
+                                   sources=tuple(sorted(merged.items())))
+
+    # -- resolution --------------------------------------------------------------------------
+    def resolve_tiling(self, head: ModelTiling | None = None, encoder: ModelTiling | None = None) -> "RunConfig":
+        """``target_mpp`` and ``tile_px`` filled where unset: from the MIL ``head``'s training
+        tiling, else the ``encoder``'s spec, else 0.5 µm/px and 224 px. Logs the one mismatch
+        warning when the result differs from the head's tiling. Idempotent."""
+        changes, sources = {}, {}
+        for name, default in (("target_mpp", DEFAULT_TARGET_MPP), ("tile_px", DEFAULT_TILE_PX)):
+            if getattr(self.tiling, name) is not None:
+                continue
+            for model in (head, encoder):
+                if model is not None and getattr(model, name):
+                    changes[name], sources[f"tiling.{name}"] = getattr(model, name), model.label
+                    break
+            else:
+                changes[name], sources[f"tiling.{name}"] = default, DEFAULT_SOURCE
+        resolved = self._with("tiling", changes, sources) if changes else self
+        if head is not None:
+            warning = tiling_mismatch_message(head, resolved.tiling.target_mpp, resolved.tiling.tile_px)
+            if warning:
+                logger.warning(warning)
+        return resolved
+
+    def with_models(self, *, encoder_sha256: str | None, mil_sha256: str | None,
+                    slide_threshold: float | None) -> "RunConfig":
+        """The loaded models' identities filled in (part of :meth:`key`)."""
+        config = self._with("encoder", {"encoder_sha256": encoder_sha256}, {"encoder.encoder_sha256": "encoder file"})
+        return config._with("mil", {"mil_sha256": mil_sha256, "slide_threshold": slide_threshold},
+                            {"mil.mil_sha256": "MIL head files", "mil.slide_threshold": "MIL head files"})
+
+    # -- reading -----------------------------------------------------------------------------
+    def source(self, dotted: str) -> str:
+        """Where the value of ``dotted`` (``tiling.target_mpp``) came from: ``default``, ``file
+        PATH``, ``env VAR``, ``code``, ``command line --flag``, or the model it was taken from."""
+        return dict(self.sources).get(dotted, DEFAULT_SOURCE)
+
+    def explain(self) -> list[tuple[str, Any, str]]:
+        """``(dotted name, value, source)`` for every setting, section by section."""
+        rows = []
+        for section in self.SECTIONS:
+            for name, value in getattr(self, section).to_dict().items():
+                rows.append((f"{section}.{name}", value, self.source(f"{section}.{name}")))
+        return rows
+
+    def to_dict(self) -> dict[str, dict[str, Any]]:
+        """``{section: {field: value}}``, JSON-ready: what a result store records verbatim."""
+        return {section: getattr(self, section).to_dict() for section in self.SECTIONS}
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> "RunConfig":
+        """The configuration a store recorded (:meth:`to_dict`); unknown keys are refused."""
+        if not isinstance(data, Mapping):
+            raise ConfigError(f"a run configuration is a mapping of sections, got {type(data).__name__}")
+        layers = Layers(cls.SECTIONS)
+        layers.apply_mapping({k: v for k, v in data.items()}, "stored configuration")
+        return cls(**layers.build())
+
+    def key(self) -> str:
+        """The resume key: a hash of every setting that changes a slide's results (tissue,
+        resolved tiling, encoder and head files, tile threshold, outputs), not of speed settings
+        (stream, batch, providers, threads) nor of the report's (see ``report_key``)."""
+        payload = {}
+        for section in _RESULT_SECTIONS:
+            payload[section] = {k: v for k, v in getattr(self, section).to_dict().items() if k not in _NOT_RESULTS}
+        payload["encoder"]["model"] = self.encoder.encoder_sha256 or self.encoder.encoder
+        payload["mil"]["model"] = self.mil.mil_sha256 or self.mil.mil
+        text = json.dumps(payload, sort_keys=True, default=str)
+        return hashlib.sha256(text.encode()).hexdigest()[:32]
+
+    # -- convenience -------------------------------------------------------------------------
+    def stage_tiling(self) -> TilingConfig:
+        """The tiling a stage receives: resolved, or the defaults where still unset."""
+        return self.tiling.with_defaults()
