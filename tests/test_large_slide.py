@@ -12,6 +12,8 @@ import pytest
 
 from wsiengine.testing import make_pyramidal_slide
 
+from .conftest import require_tissue_source
+
 STREAM_AND_MEASURE = textwrap.dedent(
     """
     import json, sys, threading, time
@@ -45,7 +47,8 @@ STREAM_AND_MEASURE = textwrap.dedent(
 
 
 @pytest.mark.slow
-def test_gigapixel_slide_streams_with_bounded_memory(tmp_path, shared_data):  # real tissue textures
+def test_gigapixel_slide_streams_with_bounded_memory(tmp_path):  # real tissue textures
+    require_tissue_source()
     synthetic = make_pyramidal_slide(tmp_path / "giga.tiff", width=32768, height=32768, mpp=0.25, levels=(1, 4, 16), seed=7)
     result = subprocess.run([sys.executable, "-c", STREAM_AND_MEASURE, str(synthetic.path)],
                             capture_output=True, text=True, check=True)

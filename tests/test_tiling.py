@@ -69,8 +69,8 @@ def test_coarser_target_reads_more_and_resamples_once(cmu):
     assert grid.tile_size_level0[0] == pytest.approx(449)
 
 
-def test_pyramid_level_is_used_when_it_resolves_the_target(tcga_no_mpp):
-    slide = open_slide(tcga_no_mpp, mpp=0.25)
+def test_pyramid_level_is_used_when_it_resolves_the_target(no_mpp_slide):
+    slide = open_slide(no_mpp_slide, mpp=0.25)
     grid = plan_tiles(slide, None, target_mpp=0.5, tile_px=224, min_tissue=0)
     assert grid.read_level == 1 and grid.read_size == (224, 224)
     lw, lh = slide.level_dimensions[1]
@@ -106,7 +106,7 @@ def test_empty_mask_gives_an_empty_grid_or_raises(cmu, caplog):
     assert len(grid) == 0 and grid.coords.shape == (0, 2)
     assert "no tile" in caplog.text
     with pytest.raises(errors.NoTissueError):
-        plan_tiles(cmu, empty, config=TilingConfig(on_empty="raise"))
+        plan_tiles(cmu, empty, config=TilingConfig(on_no_tiles="raise"))
 
 
 def test_tissue_fractions_of_known_boxes():

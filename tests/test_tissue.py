@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -14,7 +15,7 @@ from wsiengine import TissueConfig, detect_tissue, errors, open_slide, plan_tile
 from wsiengine.tissue import mask_to_polygons
 from wsiengine.testing import make_pyramidal_slide
 
-from .conftest import record_read_sizes, shared_file
+from .conftest import data_file, data_params, record_read_sizes, require_tissue_source, sample_region, shared_file
 
 
 def _image_as_slide(image: np.ndarray, path, mpp: float):
@@ -54,11 +55,11 @@ def test_polygons_keep_their_holes():
 
 @pytest.mark.parametrize(
     ("name", "ink"),
-    [
+    data_params([
         ("tcga-red-pen.png", lambda r, g, b: (r > 150) & (g < 80) & (b < 90)),
         ("tcga-green-pen.png", lambda r, g, b: (g > r + 20) & (g > b - 10)),
         ("wsi-blue-pen.png", lambda r, g, b: (b > r + 40) & (b > g + 20)),
-    ],
+    ], relative=lambda case: f"histolab/pen-images/{case[0]}", ids=lambda case: case[0].removesuffix(".png")),
 )
 def test_pen_ink_is_not_tissue(tmp_path, name, ink):
     image = np.asarray(Image.open(shared_file(f"histolab/pen-images/{name}")).convert("RGB"))
@@ -72,11 +73,19 @@ def test_pen_ink_is_not_tissue(tmp_path, name, ink):
     assert mask.raster[~inked & (image.min(axis=2) < 200)].mean() > 0.5, "stained tissue was lost"
 
 
-def test_glass_and_background_tiles_have_no_tissue(tmp_path, shared_data):
-    for path in sorted((shared_data / "histolab" / "tiles").glob("*.png")):
-        if not path.name.startswith(("no-tissue", "almost-white")) or "ihc" in path.name:
-            continue
-        image = np.asarray(Image.open(path).convert("RGB"))
+def _histolab_tiles(pattern: str) -> list:
+    """histolab's tiles (optional data: ../shared/data or $WSIENGINE_TEST_DATA), [] when absent."""
+    folder = data_file("histolab/tiles")
+    return sorted(folder.glob(pattern)) if folder is not None else []
+
+
+def test_glass_and_background_tiles_have_no_tissue(tmp_path):
+    # histolab's background tiles when present, and glass from the sample slide always
+    for name, image in [("sample-glass", sample_region("sample-glass"))] + [
+        (path.name, np.asarray(Image.open(path).convert("RGB"))) for path in _histolab_tiles("*.png")
+        if path.name.startswith(("no-tissue", "almost-white")) and "ihc" not in path.name
+    ]:
+        path = Path(name)
         slide = _image_as_slide(image, tmp_path / f"{path.stem}.tif", mpp=8.0)
         mask = detect_tissue(slide, config=TissueConfig(min_object_um2=0))
         # no-tissue-red-pen is a blurred smear of red and near-black ink whose purple-brown
@@ -85,9 +94,12 @@ def test_glass_and_background_tiles_have_no_tissue(tmp_path, shared_data):
         assert mask.tissue_fraction < limit, path.name
 
 
-def test_tissue_tiles_have_tissue(tmp_path, shared_data):
-    for path in sorted((shared_data / "histolab" / "tiles").glob("tissue-*.png")):
-        image = np.asarray(Image.open(path).convert("RGB"))
+def test_tissue_tiles_have_tissue(tmp_path):
+    # histolab's tissue tiles when present, and tissue from the sample slide always
+    for name, image in [(n, sample_region(n)) for n in ("sample-tissue", "sample-tissue-2")] + [
+        (path.name, np.asarray(Image.open(path).convert("RGB"))) for path in _histolab_tiles("tissue-*.png")
+    ]:
+        path = Path(name)
         slide = _image_as_slide(image, tmp_path / f"{path.stem}.tif", mpp=8.0)
         assert detect_tissue(slide, config=TissueConfig(min_object_um2=0)).tissue_fraction > 0.3, path.name
 
@@ -99,11 +111,12 @@ def test_blank_slide_gives_empty_mask_or_raises(tmp_path, caplog):
     assert mask.is_empty and mask.polygons.is_empty
     assert "no tissue found" in caplog.text
     with pytest.raises(errors.NoTissueError, match="no tissue"):
-        detect_tissue(slide, config=TissueConfig(on_empty="raise"))
+        detect_tissue(slide, config=TissueConfig(on_no_tissue="raise"))
     assert len(plan_tiles(slide, mask)) == 0
 
 
-def test_tiles_land_on_tissue_not_on_glass_or_pen(tmp_path, shared_data):  # real tissue textures
+def test_tiles_land_on_tissue_not_on_glass_or_pen(tmp_path):  # real tissue textures
+    require_tissue_source()
     synthetic = make_pyramidal_slide(tmp_path / "pen.tiff", width=12288, height=8192, mpp=0.25, pen=True, seed=3)
     slide = open_slide(synthetic.path)
     mask = detect_tissue(slide)
@@ -121,7 +134,8 @@ def test_tiles_land_on_tissue_not_on_glass_or_pen(tmp_path, shared_data):  # rea
     assert covered > 0.6
 
 
-def test_thumbnail_reads_stay_within_the_budget(tmp_path, shared_data):  # real tissue textures
+def test_thumbnail_reads_stay_within_the_budget(tmp_path):  # real tissue textures
+    require_tissue_source()
     synthetic = make_pyramidal_slide(tmp_path / "big.tiff", width=16384, height=12288, mpp=0.25, levels=(1,), seed=1)
     slide = open_slide(synthetic.path)
     sizes = record_read_sizes(slide)
