@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 
 import wsiengine as we
-from wsiengine.batch import PipelineSpec, discover_slides, read_summary, run_batch
+from wsiengine.batch import discover_slides, read_summary, run_batch
 from wsiengine.cli import main
 
 from .conftest import require_tissue_source, shared_file, write_coarse_slide
@@ -140,8 +140,7 @@ def test_config_change_reprocesses_only_affected_slides(slide_folder, mpp_csv, t
     assert {r.slide_id: r.status for r in changed.rows}["tcga"] == "done"
     assert we.open_result(out / "tcga.zarr").slide["mpp"] == [0.45, 0.45]
     # a pipeline setting redoes every finished slide; failures stay failed without --retry-failed
-    spec = PipelineSpec(min_tissue=0.5)
-    redone = run_batch(slide_folder / "b", out, mpp_csv=other, workers=1, spec=spec)
+    redone = run_batch(slide_folder / "b", out, mpp_csv=other, workers=1, min_tissue=0.5)
     assert {r.slide_id: r.status for r in redone.rows} == {"corrupt": "failed", "tcga": "done",
                                                            "deeper__camelyon": "failed"}
     assert we.open_result(out / "tcga.zarr").config["tiling"]["min_tissue"] == 0.5

@@ -56,8 +56,9 @@ def test_real_slide_end_to_end_and_store_reopens(cmu_result, pipeline):
     slide = store.slide
     assert slide["dimensions"] == [2220, 2967] and slide["mpp_source"] == "vendor"
     assert slide["fingerprint"].startswith("sha256s:") and slide["name"] == "cmu-1-small-region.svs"
-    assert store.config["tiling"] == pipeline.tiling.to_dict()
-    assert store.config["tissue"] == pipeline.tissue.to_dict() and "stream" in store.config
+    assert store.config == pipeline.config.to_dict()  # the resolved run configuration, verbatim
+    assert we.RunConfig.from_dict(store.config) == pipeline.config
+    assert store.config["tiling"]["target_mpp"] == pipeline.mil.target_mpp and "stream" in store.config
     assert store.encoder["spec"]["name"] == "default" and len(store.encoder["sha256"]) == 64
     assert store.mil["name"] == "default" and store.mil["sha256"] == pipeline.mil.config["sha256"]
     assert store.prediction["probability"] == pytest.approx(res.probability)
@@ -94,7 +95,7 @@ def test_heatmap_lands_at_the_tile_position(cmu_result):
 
 def test_cli_geojson_and_heatmap_from_the_store(cmu_result, tmp_path):
     res, _ = cmu_result
-    assert main(["geojson", str(res.store), "-o", str(tmp_path / "x.geojson"), "--tiles", "--threshold", "0.2"]) == 0
+    assert main(["geojson", str(res.store), "-o", str(tmp_path / "x.geojson"), "--tiles", "--tile-threshold", "0.2"]) == 0
     features = json.loads((tmp_path / "x.geojson").read_text())["features"]
     detections = [f for f in features if f["properties"]["objectType"] == "detection"]
     assert len(detections) == res.n_tiles

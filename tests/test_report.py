@@ -82,7 +82,7 @@ def _store(tmp_path: Path, scores: np.ndarray, probability: float | None, *, row
     attrs = {"slide_id": name,
              "slide": {"path": str(tmp_path / f"{name}.svs"), "name": f"{name}.svs", "dimensions": [cols * TILE_PX,
                        rows * TILE_PX], "mpp": [MPP, MPP], "mpp_source": mpp_source, "backend": "x", "vendor": None},
-             "config": {"tumour_threshold": 0.5}, "encoder": {"spec": {"name": "test"}, "sha256": "e" * 64},
+             "config": {"mil": {"tile_threshold": 0.5}}, "encoder": {"spec": {"name": "test"}, "sha256": "e" * 64},
              "mil": {"name": "test-head", "model": "abmil", "sha256": "m" * 64, "threshold": threshold},
              "config_key": "k"}
     with FeatureWriter(tmp_path / f"{name}.zarr", grid, feats.shape[1], attrs=attrs) as w:
@@ -310,6 +310,7 @@ def test_report_from_a_moved_slide_flags_missing_evidence_and_accepts_slide_over
     shutil.copytree(res.store, store)
     group_attrs = json.loads((store / "zarr.json").read_text())
     group_attrs["attributes"]["slide"]["path"] = str(tmp_path / "gone.svs")
+    group_attrs["attributes"]["slide"]["path_from_results"] = "gone.svs"  # moved from both recorded places
     (store / "zarr.json").write_text(json.dumps(group_attrs))
     rep = make_report(store, tmp_path / "a", slide_id="moved")
     assert "evidence_unavailable" in [q["code"] for q in rep.findings["qc"]["flags"]]
@@ -341,29 +342,29 @@ def test_cli_report_prints_json_and_writes_files(cmu_result, tmp_path, capsys):
 def test_batch_rewrites_only_a_missing_or_stale_report(tmp_path, cmu_small):
     import shutil
 
-    from wsiengine.batch import PipelineSpec, run_batch
+    from wsiengine.batch import run_batch
 
     slides = tmp_path / "slides"
     slides.mkdir()
     shutil.copy(cmu_small, slides / "node.svs")
     out = tmp_path / "out"
-    first = run_batch(slides, out, spec=PipelineSpec(), workers=1)
+    first = run_batch(slides, out, workers=1)
     assert first.counts["done"] == 1
     report, store_meta = out / "node.report.json", out / "node.zarr" / "zarr.json"
     stamp = store_meta.stat().st_mtime_ns
     assert len(json.loads(report.read_text())["findings"]["evidence"]) == 8
 
     report.unlink()
-    again = run_batch(slides, out, spec=PipelineSpec(), workers=1)
+    again = run_batch(slides, out, workers=1)
     assert again.counts["skipped"] == 1 and report.is_file() and store_meta.stat().st_mtime_ns == stamp
 
-    fewer = run_batch(slides, out, spec=PipelineSpec(report_config=ReportConfig(top_k=3)), workers=1)
+    fewer = run_batch(slides, out, workers=1, top_k=3)
     assert fewer.counts["skipped"] == 1 and store_meta.stat().st_mtime_ns == stamp
     assert len(json.loads(report.read_text())["findings"]["evidence"]) == 3
     assert sorted(p.name for p in (out / "node.report").iterdir()) == [
         "evidence-01.png", "evidence-02.png", "evidence-03.png", "heatmap.png", "thumbnail.png"]
 
-    bare = run_batch(slides, tmp_path / "bare", spec=PipelineSpec(report=False), workers=1)
+    bare = run_batch(slides, tmp_path / "bare", workers=1, report=False)
     assert bare.counts["done"] == 1 and not list((tmp_path / "bare").glob("*.report*"))
 
 

@@ -388,8 +388,8 @@ class Encoder:
         inference overlap. Batches come in completion order; ``index`` says which grid rows.
         """
         note = tiling_mismatch_message(self.tiling, grid.target_mpp, grid.tile_px)
-        if note:  # encoders generalise across resolutions far better than MIL heads: a note, not a warning
-            logger.info(note)
+        if note:  # the head's tiling decides a run's grid; the encoder's is a note for debugging
+            logger.debug(note)
         for batch in stream_patches(slide, grid, batch_size, **stream_options):
             yield batch.index, self.embed(batch.images)
 
