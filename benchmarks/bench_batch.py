@@ -60,9 +60,10 @@ def _emit(result: dict[str, Any]) -> None:
     print(RESULT_MARK + json.dumps(result), flush=True)
 
 
-def _spec_kwargs(args: dict[str, Any]) -> dict[str, Any]:
-    return {"encoder": args["encoder"], "mil": None if args["mil"] == "none" else args["mil"],
-            "target_mpp": args["target_mpp"], "tile_px": args["tile_px"]}
+def _settings(args: dict[str, Any]) -> dict[str, Any]:
+    """The run settings of the benchmark (flat names of :class:`wsiengine.RunConfig`)."""
+    return {"encoder": args["encoder"], "mil": args["mil"], "target_mpp": args["target_mpp"],
+            "tile_px": args["tile_px"]}
 
 
 def _mpps(args: dict[str, Any]) -> dict[str, tuple[float, float] | None]:
@@ -78,15 +79,10 @@ def _mpps(args: dict[str, Any]) -> dict[str, tuple[float, float] | None]:
 def phase_baseline(args: dict[str, Any]) -> None:
     """One Pipeline built once, then a plain loop of ``Pipeline.run`` over the slides."""
     import wsiengine as we
-    from wsiengine.config import TilingConfig
 
-    kw = _spec_kwargs(args)
     mpps = _mpps(args)
     start = time.perf_counter()
-    pipe = we.Pipeline(encoder=kw["encoder"], mil=kw["mil"])
-    given = {k: kw[k] for k in ("target_mpp", "tile_px") if kw[k] is not None}
-    if given:
-        pipe.tiling = TilingConfig.from_env(**{**pipe.tiling.to_dict(), **given})
+    pipe = we.Pipeline(we.RunConfig.load(**_settings(args)))
     build_s = time.perf_counter() - start
     slides: dict[str, dict[str, Any]] = {}
     for sid, path in args["entries"]:
@@ -103,30 +99,28 @@ def phase_baseline(args: dict[str, Any]) -> None:
 
 def phase_batch(args: dict[str, Any]) -> None:
     """``run_batch(workers=N)`` into a fresh results folder (whole slides per worker unless
-    ``--parallel`` says otherwise, where this ``run_batch`` has the option)."""
-    import inspect
+    ``--parallel`` says otherwise)."""
+    from wsiengine.batch import run_batch
 
-    from wsiengine.batch import PipelineSpec, run_batch
-
-    spec = PipelineSpec(**_spec_kwargs(args))
-    extra = {"parallel": args["parallel"]} if "parallel" in inspect.signature(run_batch).parameters else {}
-    if args.get("chunk_tiles") and "chunk_tiles" in inspect.signature(run_batch).parameters:
+    extra = {"parallel": args["parallel"]}
+    if args.get("chunk_tiles"):
         extra["chunk_tiles"] = args["chunk_tiles"]
     start = time.perf_counter()
-    summary = run_batch(args["slides_dir"], args["out"], spec=spec, workers=args["workers"],
-                        mpp_csv=args.get("mpp_csv"), **extra)
+    summary = run_batch(args["slides_dir"], args["out"], workers=args["workers"], mpp_csv=args.get("mpp_csv"),
+                        **_settings(args), **extra)
     seconds = time.perf_counter() - start
     slides = {r.slide_id: {"status": r.status, "n_tiles": r.n_tiles, "probability": r.probability,
                            "seconds": r.seconds, "error": r.error} for r in summary.rows}
     _emit({"seconds": seconds, "slides": slides, "workers": summary.workers, "counts": summary.counts})
 
 
-def _load_worker_pipeline(kwargs: dict[str, Any], threads: int) -> float:
+def _load_worker_pipeline(settings: dict[str, Any], threads: int) -> float:
     """In a worker: import the engine and load the pipeline as ``run_batch``'s first task does; seconds."""
     start = time.perf_counter()
-    from wsiengine.batch import PipelineSpec, _pipeline
+    from wsiengine import RunConfig
+    from wsiengine.batch.run import _pipeline
 
-    _pipeline(PipelineSpec(**kwargs, threads=threads))
+    _pipeline(RunConfig.load(**settings, threads=threads, num_workers=threads))
     return time.perf_counter() - start
 
 
@@ -143,7 +137,7 @@ def phase_startup(args: dict[str, Any]) -> None:
     client.wait_for_workers(args["workers"])
     startup_s = time.perf_counter() - start
     start = time.perf_counter()
-    client.run(_load_worker_pipeline, _spec_kwargs(args), max(1, physical_cores() // args["workers"]))
+    client.run(_load_worker_pipeline, _settings(args), max(1, physical_cores() // args["workers"]))
     load_s = time.perf_counter() - start
     start = time.perf_counter()
     client.close()

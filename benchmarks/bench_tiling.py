@@ -191,7 +191,7 @@ def phase_kernel(args: dict[str, Any]) -> None:
     thumb, (tmx, tmy) = slide.thumbnail(max(mpp, min(slide.mpp)))
     thumb = np.ascontiguousarray(np.asarray(Image.fromarray(thumb).resize((side, side), Image.Resampling.BOX)))
     px_um = mpp  # µm per thumbnail pixel
-    config = we.TissueConfig.from_env()
+    config = we.TissueConfig()
     try:  # the parameters detect_tissue derives from the config, at this thumbnail's resolution
         params = TissueSegmentParams(
             closing_radius_px=int(round(config.closing_um / px_um)),

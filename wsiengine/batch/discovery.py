@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -26,7 +27,7 @@ class SlideEntry:
 
 
 def _probe(path: Path) -> bool:
-    from .slide import open_slide
+    from ..slide import open_slide
 
     try:
         open_slide(path, require_mpp=False).close()

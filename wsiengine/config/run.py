@@ -105,11 +105,14 @@ class RunConfig:
 
     def replace(self, **changes: Any) -> "RunConfig":
         """A copy with settings changed in code (flat or dotted names, or whole sections)."""
+        changes = {k: v for k, v in changes.items() if v is not None}
+        if not changes:
+            return self
         layers = Layers(self.SECTIONS)
         for section in self.SECTIONS:
             layers.values[section] = dataclasses.asdict(getattr(self, section))
         layers.sources.update(self.sources)
-        layers.apply_mapping({k: v for k, v in changes.items() if v is not None}, "code")
+        layers.apply_mapping(changes, "code")
         return RunConfig(**layers.build(), sources=tuple(sorted(layers.sources.items())))
 
     def _with(self, section: str, changes: dict[str, Any], sources: dict[str, str]) -> "RunConfig":

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import functools
 import os
 import re
 import types
@@ -105,8 +106,13 @@ def field_help(cls: type) -> dict[str, tuple[str, str]]:
 def fields_of(sections: Mapping[str, type]) -> dict[str, FieldInfo]:
     """Every field of ``sections`` (``{section name: dataclass}``) by flat name; the flat names
     must be unique."""
+    return dict(_fields_of(tuple(sections.items())))
+
+
+@functools.lru_cache(maxsize=16)
+def _fields_of(sections: tuple[tuple[str, type], ...]) -> dict[str, FieldInfo]:
     out: dict[str, FieldInfo] = {}
-    for section, cls in sections.items():
+    for section, cls in sections:
         hints = get_type_hints(cls)
         docs = field_help(cls)
         for f in dataclasses.fields(cls):
