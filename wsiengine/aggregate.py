@@ -7,7 +7,7 @@
 A **head directory** holds two files, and optionally a third:
 
 ``model.onnx``
-    The graph (written by :func:`wsiengine.models.mil_export.export_mil_onnx`): input
+    The graph (written by :func:`wsiengine.models.training.mil_export.export_mil_onnx`): input
     ``features`` float32 ``(N, D)`` with N dynamic; outputs ``probability`` float32 ``(1,)``
     (the positive class), ``attention`` float32 ``(N,)`` (softmax over tiles, sums to 1) and
     ``tile_scores`` float32 ``(N,)`` (per-tile positive probability in [0, 1]).
@@ -21,7 +21,7 @@ A **head directory** holds two files, and optionally a third:
     An :class:`~wsiengine.ood.EmbeddingReference` of the tile embeddings the head was trained on
     (written by ``train-mil``), for the out-of-distribution QC check: :attr:`MILHead.reference`.
 
-:func:`wsiengine.models.mil_export.save_mil_head` writes such a directory from a trained torch
+:func:`wsiengine.models.training.mil_export.save_mil_head` writes such a directory from a trained torch
 model. The graph's activations are linear in N (no ``(N, N)`` tensor), so a 100,000-tile bag
 needs little beyond its own features.
 """
@@ -218,7 +218,7 @@ class MILHead:
         model_path = root / str(config.get("onnx") or MODEL_NAME)
         if not model_path.is_file():
             raise ModelError(f"MIL head directory '{root}' has no {model_path.name}; re-export the head with "
-                             "wsiengine.models.mil_export.save_mil_head")
+                             "wsiengine.models.training.mil_export.save_mil_head")
         import onnxruntime as ort
 
         options = ort.SessionOptions()
