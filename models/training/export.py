@@ -21,7 +21,6 @@ can run it (it has few float16 kernels, so usually it is only checked on a GPU).
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import os
@@ -36,6 +35,7 @@ import torch
 from torch import nn
 
 from ...errors import ModelError
+from ...hashing import sha256_files
 from ..registry import get_encoder_spec
 from ..specs import EncoderSpec
 from .build import build_encoder
@@ -115,15 +115,6 @@ class _Contract(nn.Module):
     def forward(self, pixels: torch.Tensor) -> torch.Tensor:
         out = self.model(pixels)
         return out.float().reshape(out.shape[0], -1)
-
-
-def _sha256(paths: list[Path]) -> str:
-    digest = hashlib.sha256()
-    for path in paths:
-        with open(path, "rb") as fh:
-            for block in iter(lambda: fh.read(1 << 22), b""):
-                digest.update(block)
-    return digest.hexdigest()
 
 
 def _cosines(a: np.ndarray, b: np.ndarray) -> np.ndarray:
@@ -275,7 +266,7 @@ def export_encoder_onnx(spec: EncoderSpec | str, out_path: str | os.PathLike[str
 
     spec_path = out_path.with_name(out_path.name + ".json")
     files = [out_path] + ([data_path] if data_path is not None else [])
-    sha = _sha256(files)
+    sha = sha256_files(files)
     spec_path.write_text(json.dumps({"spec": spec.to_dict(), "weights": os.fspath(weights) if weights else None,
                                      "sha256": sha, "opset": opset}, indent=2))
     report = ExportReport(path=out_path, sha256=sha, n_params=n_params, max_abs_diff=max_abs_diff,
@@ -286,11 +277,10 @@ def export_encoder_onnx(spec: EncoderSpec | str, out_path: str | os.PathLike[str
 
 
 def _write_fp16(out_path: Path, example: torch.Tensor, want: np.ndarray, external: bool) -> tuple[Path, float | None]:
-    import onnx
-    from onnxruntime.transformers.float16 import convert_float_to_float16
+    from ...encode import float16_model
 
     target = out_path.with_name(out_path.stem + ".fp16.onnx")
-    half = convert_float_to_float16(onnx.load(str(out_path), load_external_data=True), keep_io_types=True)
+    half = float16_model(out_path)
     _save_onnx(half, target, external)
     try:
         # ONNX Runtime 1.32's CPU NCHWc layout pass crashes (segfault, at session creation) on some

@@ -18,7 +18,6 @@ provider and requires every output to agree within :data:`MAX_ABS_DIFF`; otherwi
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import os
@@ -35,6 +34,7 @@ from torch import nn
 
 from ...aggregate import CONFIG_NAME, HEAD_FORMAT, HEAD_FORMAT_VERSION, INPUT_NAME, MODEL_NAME, OUTPUT_NAMES
 from ...errors import ConfigError, ModelError
+from ...hashing import sha256_file
 
 __all__ = ["MILExportReport", "MILExportVerificationError", "export_mil_onnx", "save_mil_head", "MAX_ABS_DIFF",
            "VERIFY_BAG_SIZES"]
@@ -94,14 +94,6 @@ class _MILContract(nn.Module):
     def forward(self, features: torch.Tensor):
         logit, attention, tiles = self.model(features)
         return torch.sigmoid(logit.float()).reshape(1), attention.float().reshape(-1), tiles.float().reshape(-1)
-
-
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for block in iter(lambda: fh.read(1 << 22), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def _session(path: Path):
@@ -203,7 +195,7 @@ def export_mil_onnx(model: nn.Module, out_path: str | os.PathLike[str], in_dim: 
                 f"ONNX export disagrees with torch: max |diff| {max_abs_diff:.3e} > {MAX_ABS_DIFF} on bags "
                 f"{list(bag_sizes)}; the graph is left at '{out_path}' for inspection")
 
-    report = MILExportReport(path=out_path, sha256=_sha256(out_path), n_params=n_params, max_abs_diff=max_abs_diff,
+    report = MILExportReport(path=out_path, sha256=sha256_file(out_path), n_params=n_params, max_abs_diff=max_abs_diff,
                              bag_sizes=tuple(int(n) for n in bag_sizes), seconds=time.perf_counter() - start)
     logger.info("exported MIL head %s", report.summary())
     return report

@@ -46,6 +46,7 @@ import numpy as np
 import torch
 
 from ...aggregate import REFERENCE_NAME
+from ...atomic import replace_directory
 from ...config import MILTrainConfig, physical_cores
 from ...errors import ConfigError, StoreError, TrainingDataError
 from ...ood import EmbeddingReference
@@ -424,14 +425,7 @@ def _write_outputs(result: MILTrainResult, bags: FeatureBags, config: MILTrainCo
     if curves:
         plot_roc(curves, partial / "roc.png", title=f"{config.model} on {bags.encoder or 'features'}, {part} slides",
                  thresholds=thresholds if len(curves) <= 11 else None)
-    if out.exists():
-        old = out.with_name(out.name + ".old")
-        shutil.rmtree(old, ignore_errors=True)
-        os.replace(out, old)
-        os.replace(partial, out)
-        shutil.rmtree(old, ignore_errors=True)
-    else:
-        os.replace(partial, out)
+    replace_directory(partial, out)
 
 
 def train_mil_from_stores(features_dir: str | os.PathLike[str], labels_csv: str | os.PathLike[str],

@@ -213,22 +213,32 @@ def _share_threads(config: RunConfig, n_workers: int, distributed: bool) -> RunC
 
 
 @contextlib.contextmanager
-def _log_file(out: ResultsLocation) -> Iterator[Path]:
-    """Copy the run's log (INFO and above, whatever the console shows) to ``OUT/wsiengine.log``
-    (for a URL target: ``wsiengine.log`` in the working folder)."""
-    path = Path(LOG_NAME) if out.is_url else out.path / LOG_NAME
-    handler = logging.FileHandler(path, encoding="utf-8")
+def _log_file(out: ResultsLocation) -> Iterator[None]:
+    """Copy the run's log (INFO and above, whatever the console shows) to ``OUT/wsiengine.log``;
+    for a URL target the log is kept in a local temporary file and uploaded at the end."""
+    local = None if out.is_url else out.path / LOG_NAME
+    if local is None:
+        fd, name = tempfile.mkstemp(prefix="wsiengine-", suffix=".log")
+        os.close(fd)
+    handler = logging.FileHandler(local or name, encoding="utf-8")
     handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
     handler.setLevel(logging.INFO)
     level = logger.level
     logger.setLevel(min(logger.getEffectiveLevel(), logging.INFO))
     logger.addHandler(handler)
     try:
-        yield path
+        yield
     finally:
         logger.removeHandler(handler)
         logger.setLevel(level)
         handler.close()
+        if local is None:
+            try:
+                out.write_bytes(LOG_NAME, Path(name).read_bytes())
+            except OSError as exc:
+                logger.warning("could not upload %s to %s: %s", LOG_NAME, out, exc)
+            finally:
+                Path(name).unlink(missing_ok=True)
 
 
 def run_batch(slides_dir: str | os.PathLike[str], out_dir: str | os.PathLike[str],
@@ -258,7 +268,7 @@ def run_batch(slides_dir: str | os.PathLike[str], out_dir: str | os.PathLike[str
         Any setting by flat or dotted name (``workers=2``, ``mpp_csv="mpp.csv"``,
         ``min_tissue=0.5``), applied over ``config``.
 
-    The log (INFO and above) is copied to ``out_dir/wsiengine.log``.
+    The log (INFO and above) is copied to ``out_dir/wsiengine.log`` (uploaded at the end for URLs).
     """
     started = time.perf_counter()
     base = config.replace(**settings) if isinstance(config, RunConfig) else RunConfig.load(config, **settings)

@@ -287,7 +287,7 @@ def find_data_file(relative: str) -> Path | None:
 # -- texture --------------------------------------------------------------------------------------
 def _read_slide_tissue(path: Path) -> np.ndarray:
     """Level 0 of a slide, read through :func:`wsiengine.open_slide`, cropped to its stained region."""
-    from wsiengine import open_slide
+    from wsiengine.slide import open_slide
 
     with open_slide(path, require_mpp=False) as slide:
         image = slide.read_region((0, 0), 0, slide.dimensions)
