@@ -11,15 +11,16 @@ import pytest
 from wsiengine.errors import ConfigError, ReportError
 from wsiengine.report import TileBank, second_opinion, validate_report
 
+from .conftest import shared_file
+
 N_PER_CLASS = 12
 
 
 @pytest.fixture(scope="module")
-def pcam(shared_data):
-    root = shared_data / "pcam"
-    if not (root / "train" / "1").is_dir():
-        pytest.skip(f"PCam patches absent under {root}")
-    return root
+def pcam():
+    for label in ("0", "1"):
+        shared_file(f"pcam/train/{label}")  # skips naming the PCam train split when absent
+    return shared_file("pcam")
 
 
 @pytest.fixture(scope="module")
