@@ -19,7 +19,7 @@ import pytest
 
 from wsiengine.models import get_encoder_spec
 
-from .conftest import shared_file
+from .conftest import sample_region, shared_file
 
 ROOT = Path(__file__).resolve().parents[1]
 SPEC = get_encoder_spec("default")
@@ -93,8 +93,11 @@ print(json.dumps({
 """
 
 
-def test_shipped_onnx_embeds_a_real_patch_without_torch():
-    patch = sorted(shared_file("pcam/test/1").glob("*.jpg"))[0]
+def test_shipped_onnx_embeds_a_real_patch_without_torch(tmp_path):
+    from PIL import Image
+
+    patch = tmp_path / "patch.png"  # 224 x 224 px of real tissue from the sample slide, at its 0.5 µm/px
+    Image.fromarray(sample_region("sample-tissue")[:224, :224]).save(patch)
     shipped_onnx()
     result = subprocess.run([sys.executable, "-c", _NO_TORCH_SCRIPT, str(patch)], capture_output=True, text=True, cwd=ROOT)
     assert result.returncode == 0, result.stderr

@@ -13,7 +13,7 @@ import pytest
 import shapely
 from shapely.geometry import MultiPolygon, Point, Polygon, box
 
-from .conftest import shared_file, require_tissue_source
+from .conftest import data_params, require_tissue_source, shared_file
 from wsiengine.geojson import (
     Annotation,
     annotations_to_geometry,
@@ -357,7 +357,7 @@ def _ncrf(name: str) -> dict:
     return json.loads(shared_file(f"{NCRF}/{name}").read_text())
 
 
-@pytest.mark.parametrize("name", CAMELYON_FILES)
+@pytest.mark.parametrize("name", data_params(CAMELYON_FILES, relative=lambda name: f"{NCRF}/{name}", ids=str))
 def test_camelyon_annotations_parse_to_valid_lesions(name):
     path = shared_file(f"{NCRF}/{name}")
     raw = _ncrf(name)
