@@ -22,7 +22,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from wsiengine.testing.synthetic import SAMPLE_SLIDE, SAMPLE_SLIDE_FETCHED, data_roots, find_data_file
+from wsiengine.testing.synthetic import SAMPLE_SLIDE, SAMPLE_SLIDE_FETCHED, find_data_file
 
 #: What each optional data file (or folder, by prefix) is and its licence, for skip messages;
 #: tests/README.md lists the same.
@@ -50,17 +50,21 @@ SOURCES: dict[str, str] = {
 
 
 def describe(relative: str) -> str:
-    """What ``relative`` is and where it comes from, for a skip message."""
-    what = next((v for k, v in SOURCES.items() if relative == k or relative.startswith(k + "/")), "real test data")
+    """What ``relative`` (a path as under ../shared/data) is, with its licence."""
+    return next((v for k, v in SOURCES.items() if relative == k or relative.startswith(k + "/")), "real test data")
+
+
+def where_from(relative: str) -> str:
+    """Where ``relative`` comes from, for a skip message."""
     if relative == SAMPLE_SLIDE:
-        return (f"{what}; run `python examples/get_sample_slide.py` (puts it in examples/data/), "
-                "or provide ../shared/data or $WSIENGINE_TEST_DATA; see tests/README.md")
-    return f"{what}, from ../shared/data or $WSIENGINE_TEST_DATA; see tests/README.md"
+        return ("run `python examples/get_sample_slide.py` (puts it in examples/data/), or provide "
+                "../shared/data or $WSIENGINE_TEST_DATA; see tests/README.md")
+    return "from ../shared/data or $WSIENGINE_TEST_DATA; see tests/README.md"
 
 
 def missing_reason(relative: str) -> str:
     """The skip message for an absent data file: which file, what it is, where it comes from."""
-    return f"needs {relative} ({describe(relative)})"
+    return f"needs {relative} ({describe(relative)}, {where_from(relative)})"
 
 
 def data_file(relative: str) -> Path | None:
@@ -94,26 +98,13 @@ def data_params(cases, relative=lambda case: case, ids=None) -> list:
     params = [pytest.param(*values(case), id=ids(case)) for case in present]
     if missing:
         files = sorted({relative(case) for case in missing})
-        sources = sorted({describe(f).split(", from ")[0] for f in files})
+        sources = "; ".join(sorted({describe(f) for f in files}))
         shown = ", ".join(files[:4]) + (f" and {len(files) - 4} more" if len(files) > 4 else "")
         cases = f"{len(missing)} case{'s' if len(missing) > 1 else ''}"
-        reason = (f"needs {shown} ({'; '.join(sources)}, from ../shared/data or $WSIENGINE_TEST_DATA; "
-                  f"see tests/README.md): {cases} not run")
+        where = where_from(SAMPLE_SLIDE if SAMPLE_SLIDE in files else files[0])
+        reason = f"needs {shown} ({sources}, {where}): {cases} not run"
         params.append(pytest.param(*values(missing[0]), id="absent-data", marks=pytest.mark.skip(reason=reason)))
     return params
-
-
-@pytest.fixture(scope="session")
-def shared_data() -> Path:
-    """The first data root that exists (``$WSIENGINE_TEST_DATA``, then ../shared/data); skips when none.
-
-    Prefer :func:`shared_file`, which names the missing file; this is for globbing a folder.
-    """
-    for root in data_roots():
-        if root.is_dir():
-            return root
-    pytest.skip(f"needs a test-data folder (../shared/data or $WSIENGINE_TEST_DATA); tried "
-                f"{', '.join(str(r) for r in data_roots())}; see tests/README.md")
 
 
 @pytest.fixture(scope="session")
@@ -121,12 +112,6 @@ def cmu_small() -> Path:
     """CMU-1-Small-Region: Aperio SVS, JPEG, 2220x2967, 0.499 µm/px (the shared copy, else
     examples/data/, where ``python examples/get_sample_slide.py`` puts it)."""
     return shared_file(SAMPLE_SLIDE)
-
-
-@pytest.fixture(scope="session")
-def tcga_no_mpp() -> Path:
-    """TCGA frozen section: Aperio SVS, JPEG 2000, 2 levels, no mpp (optional data)."""
-    return shared_file("histolab/tcga-cr-7395-01a-01-ts1.svs")
 
 
 def write_no_mpp_slide(source: Path, path: Path) -> Path:
@@ -235,5 +220,5 @@ def require_tissue_source() -> None:
         pytest.skip(f"generated slides need a real H&E texture: {missing_reason(SAMPLE_SLIDE)}")
 
 
-__all__ = ["SAMPLE_SLIDE", "SAMPLE_SLIDE_FETCHED", "data_file", "data_params", "describe", "missing_reason", "record_read_sizes",
+__all__ = ["SAMPLE_SLIDE", "SAMPLE_SLIDE_FETCHED", "data_file", "data_params", "describe", "missing_reason", "where_from", "record_read_sizes",
            "require_tissue_source", "sample_region", "shared_file", "write_coarse_slide", "write_no_mpp_slide"]
