@@ -210,3 +210,15 @@ def test_readme_synopsis_and_settings_table_match_the_parser():
 
     assert _readme_block("synopsis") == f"```text\n{synopsis()}\n```"
     assert _readme_block("settings") == settings_reference()
+
+
+def test_every_option_of_every_command_has_help():
+    from wsiengine.cli import _subcommands
+
+    missing = []
+    for name, sub in _subcommands(build_parser()).items():
+        for label, parser in (_subcommands(sub) or {name: sub}).items():
+            for action in parser._actions:
+                if not action.help and not isinstance(action, type(build_parser()._subparsers._group_actions[0])):
+                    missing.append((label, action.option_strings or action.dest))
+    assert not missing

@@ -19,6 +19,7 @@ from pathlib import Path
 
 from . import __version__
 from .config import DEFAULT_SOURCE, RunConfig
+from .config.flags import PREFIX, add_flags, default_text, flag, given_flags
 from .errors import WsiEngineError
 from .train_cli import add_train_commands
 
@@ -28,56 +29,20 @@ logger = logging.getLogger("wsiengine")
 _ALIASES = {"encoder_weights": ("--weights",), "vlm_timeout_s": ("--vlm-timeout",)}
 #: The settings that name models: what ``tiles`` and ``doctor`` need to resolve the run's tiling.
 MODEL_NAMES = ("encoder", "encoder_weights", "mil")
-_PREFIX = "config__"
-
-
-def _flag(name: str) -> str:
-    return "--" + name.replace("_", "-")
-
-
-def _metavar(info) -> str:
-    base = info.base
-    if base is bool:
-        return ""
-    if base is int:
-        return "N"
-    if base is float:
-        return "X"
-    if info.name == "mpp":
-        return "X[,Y]"
-    if getattr(base, "__origin__", None) is tuple:
-        return "A,B,..."
-    return "PATH" if any(w in info.name for w in ("csv", "dir", "bank", "weights")) else "TEXT"
 
 
 def add_config_options(parser: argparse.ArgumentParser, sections: Sequence[str] = (),
                        names: Sequence[str] = ()) -> None:
     """Add a flag for every user setting of ``sections`` (and the single settings ``names``) of
     :class:`RunConfig`, grouped by section, with the field's help, default and variable."""
-    groups: dict[str, argparse._ArgumentGroup] = {}
-    for info in RunConfig.fields().values():
-        if info.resolved or not (info.section in sections or info.name in names):
-            continue
-        group = groups.get(info.section)
-        if group is None:
-            doc = (RunConfig.SECTIONS[info.section].__doc__ or "").strip().splitlines()[0]
-            group = groups[info.section] = parser.add_argument_group(f"{info.section} settings", doc)
-        default = info.default
-        shown = ",".join(map(str, default)) if isinstance(default, tuple) else "unset" if default is None else default
-        help_text = f"{info.help} (default: {shown}; env {info.env_names[0]})".replace("%", "%%")
-        flags = [_flag(info.name), *_ALIASES.get(info.name, ())]
-        if info.base is bool:
-            group.add_argument(*flags, dest=_PREFIX + info.name, action=argparse.BooleanOptionalAction,
-                               default=argparse.SUPPRESS, help=help_text)
-        else:
-            group.add_argument(*flags, dest=_PREFIX + info.name, default=argparse.SUPPRESS, metavar=_metavar(info),
-                               choices=info.choices, help=help_text)
+    infos = [i for i in RunConfig.fields().values() if not i.resolved and (i.section in sections or i.name in names)]
+    titles = {s: (c.__doc__ or "").strip().splitlines()[0] for s, c in RunConfig.SECTIONS.items()}
+    add_flags(parser, infos, titles=titles, aliases=_ALIASES)
 
 
 def load_config(args: argparse.Namespace) -> RunConfig:
     """The run configuration of a command: defaults, TOML file, environment, then its flags."""
-    cli = {k[len(_PREFIX):]: v for k, v in vars(args).items() if k.startswith(_PREFIX)}
-    return RunConfig.load(getattr(args, "config", None), cli=cli, cli_text=True)
+    return RunConfig.load(getattr(args, "config", None), cli=given_flags(args), cli_text=True)
 
 
 def resolved_config(args: argparse.Namespace) -> RunConfig:
@@ -220,11 +185,6 @@ def _cmd_predict(args: argparse.Namespace) -> int:
             print(f"{r['slide_id']}: {r['label']} (p={r['probability']:.3f}, threshold {r['threshold']:.3f}, "
                   f"{r['tiles']} tiles, max tile score {r['max_tile_score']:.3f})")
     return 0
-
-
-def _cli_value(args: argparse.Namespace, name: str):
-    """A setting given on this command line (None when not given there)."""
-    return getattr(args, _PREFIX + name, None)
 
 
 def _cmd_geojson(args: argparse.Namespace) -> int:
@@ -510,7 +470,7 @@ def synopsis() -> str:
         for label, p in ({f"{name} {k}": v for k, v in nested.items()} if nested else {name: sub}).items():
             own = []
             for action in p._actions:
-                if action.dest.startswith(_PREFIX) or action.dest in ("help", "verbose", "quiet", "config", "func"):
+                if action.dest.startswith(PREFIX) or action.dest in ("help", "verbose", "quiet", "config", "func"):
                     continue
                 if not action.option_strings:
                     own.append(action.metavar or action.dest.upper() + (" ..." if action.nargs == "+" else ""))
@@ -534,9 +494,7 @@ def settings_reference() -> str:
     for info in RunConfig.fields().values():
         if info.resolved:
             continue
-        default = ",".join(map(str, info.default)) if isinstance(info.default, tuple) else (
-            "unset" if info.default is None else info.default)
-        rows.append(f"| `{info.dotted}` | `{_flag(info.name)}` | {default} | {info.help.replace('|', '/')} |")
+        rows.append(f"| `{info.dotted}` | `{flag(info.name)}` | {default_text(info)} | {info.help.replace('|', '/')} |")
     return "\n".join(rows)
 
 

@@ -12,6 +12,10 @@ from __future__ import annotations
 import argparse
 import sys
 
+from .config import MILTrainConfig
+from .config.flags import add_flags, given_flags
+from .config.sources import FieldInfo, fields_of
+
 __all__ = ["TRAIN_EXTRA", "add_train_commands", "cmd_train_mil", "cmd_export_encoder"]
 
 #: How to install what the train commands need.
@@ -59,18 +63,11 @@ def cmd_export_encoder(args: argparse.Namespace) -> int:
 def cmd_train_mil(args: argparse.Namespace) -> int:
     """``wsiengine train-mil --features DIR --labels CSV -o OUT``: cross-validated attention-MIL
     heads from feature stores; prints per-split and pooled metrics, writes the selected head."""
-    from .config import MILTrainConfig
-
     try:
         from .models.training import train_mil_from_stores
     except ImportError as exc:
         return _missing_extra("train-mil", "torch, onnx and matplotlib", exc)
-    explicit = {name: getattr(args, name) for name in (
-        "model", "folds", "seed", "max_epochs", "min_epochs", "patience", "lr", "weight_decay", "hidden_dim",
-        "dropout", "max_tiles", "threshold_rule", "device", "threads", "val_fraction")}
-    if args.no_balance:
-        explicit["balanced"] = False
-    config = MILTrainConfig.from_env(**explicit)
+    config = MILTrainConfig.from_env(**given_flags(args, training_settings()))
     progress = sys.stderr.isatty() and not getattr(args, "quiet", False)
     result = train_mil_from_stores(args.features, args.labels, args.output, config, split_files=args.split or (),
                                    progress=progress, overwrite=args.overwrite)
@@ -90,6 +87,11 @@ def cmd_train_mil(args: argparse.Namespace) -> int:
     return 0
 
 
+def training_settings() -> dict[str, FieldInfo]:
+    """The settings of :class:`~wsiengine.config.MILTrainConfig` (section ``train``), by name."""
+    return fields_of({"train": MILTrainConfig})
+
+
 def add_train_commands(sub: argparse._SubParsersAction, parents: list[argparse.ArgumentParser]) -> None:
     """Add ``export-encoder`` and ``train-mil`` to the subcommands ``sub`` of the ``wsiengine``
     parser, each with ``parents`` (the options every command shares) and a handler in
@@ -103,7 +105,7 @@ def add_train_commands(sub: argparse._SubParsersAction, parents: list[argparse.A
     export.add_argument("name", help="registry name (see wsiengine.models.list_encoders())")
     export.add_argument("--weights", help="local checkpoint (.pth, .bin, .safetensors); omit for the default's shipped weights")
     export.add_argument("-o", "--output", required=True, help="the .onnx file to write (a .onnx.json spec goes beside it)")
-    export.add_argument("--opset", type=int, default=17)
+    export.add_argument("--opset", type=int, default=17, help="ONNX opset to export with (default: 17)")
     export.add_argument("--fp16", action="store_true", help="also write a float16 variant")
     export.set_defaults(func=cmd_export_encoder)
 
@@ -114,22 +116,7 @@ def add_train_commands(sub: argparse._SubParsersAction, parents: list[argparse.A
     train.add_argument("--features", required=True, help="folder of SLIDE_ID.zarr feature stores")
     train.add_argument("--labels", required=True, help="CSV with columns slide_id,label")
     train.add_argument("-o", "--output", required=True, help="output folder: ONNX head, config, metrics, ROC plot")
-    train.add_argument("--model", default=None, choices=["abmil", "clam_sb"], help="default abmil")
-    train.add_argument("--folds", type=int, help="stratified k-fold splits (default 5)")
     train.add_argument("--split", nargs="+", help="split file(s) instead of k-fold: slide_id,split[,fold] or CLAM's train,val,test")
-    train.add_argument("--seed", type=int, help="default 0")
-    train.add_argument("--val-fraction", type=float, help="of the non-test slides, for early stopping and the threshold")
-    train.add_argument("--max-epochs", type=int)
-    train.add_argument("--min-epochs", type=int)
-    train.add_argument("--patience", type=int, help="epochs without a better validation AUC before stopping")
-    train.add_argument("--lr", type=float)
-    train.add_argument("--weight-decay", type=float)
-    train.add_argument("--hidden-dim", type=int)
-    train.add_argument("--dropout", type=float)
-    train.add_argument("--max-tiles", type=int, help="training-time tile subsample per bag (0 = all)")
-    train.add_argument("--threshold-rule", choices=["youden", "balanced_accuracy", "f1", "fixed"])
-    train.add_argument("--no-balance", action="store_true", help="plain shuffling instead of class-balanced sampling")
-    train.add_argument("--device", choices=["cpu", "cuda", "auto"])
-    train.add_argument("--threads", type=int, help="torch CPU threads (0 = physical cores)")
+    add_flags(train, training_settings().values())
     train.add_argument("--overwrite", action="store_true", help="replace an existing output folder")
     train.set_defaults(func=cmd_train_mil)
