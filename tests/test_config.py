@@ -174,3 +174,11 @@ def test_training_config_takes_code_over_environment(monkeypatch):
     with set_defaults(**{"train.seed": 4}):
         assert MILTrainConfig.from_env().seed == 4
         assert MILTrainConfig.from_env(seed=5).seed == 5
+
+
+def test_paths_become_absolute_and_names_stay(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "mpp.csv").write_text("slide,mpp\n")
+    config = RunConfig.load(env={}, mpp_csv="mpp.csv", encoder="default", tile_bank="missing.npz").with_absolute_paths()
+    assert config.slide.mpp_csv == str(tmp_path / "mpp.csv") and config.source("slide.mpp_csv") == "code"
+    assert config.encoder.encoder == "default" and config.report.tile_bank == "missing.npz"

@@ -36,9 +36,11 @@ def model_tilings(config: RunConfig, *, encoder: Encoder | None = None, mil: MIL
 
 
 def resolve_config(config: RunConfig, *, encoder: Encoder | None = None, mil: MILHead | None = None) -> RunConfig:
-    """``config`` with its tiling resolved (:meth:`RunConfig.resolve_tiling`) and, when the models
-    are loaded, their identities (:meth:`RunConfig.with_models`): the configuration a run uses,
-    records in its stores and resumes by."""
+    """``config`` with its paths made absolute (:meth:`RunConfig.with_absolute_paths`), its tiling
+    resolved (:meth:`RunConfig.resolve_tiling`) and, when the models are loaded, their identities
+    (:meth:`RunConfig.with_models`): the configuration a run uses, records in its stores and
+    resumes by."""
+    config = config.with_absolute_paths()
     head, enc = model_tilings(config, encoder=encoder, mil=mil)
     resolved = config.resolve_tiling(head, enc)
     if encoder is not None:

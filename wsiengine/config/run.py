@@ -49,6 +49,9 @@ logger = logging.getLogger("wsiengine")
 DEFAULT_SOURCE = "default"
 #: Sections that change a slide's results (the resume key); the others change speed or bookkeeping.
 _RESULT_SECTIONS = ("tissue", "tiling", "encoder", "mil", "outputs")
+#: Settings that may name a file or folder.
+_PATH_SETTINGS = ("encoder.encoder", "encoder.encoder_weights", "encoder.trt_cache_dir", "mil.mil", "slide.mpp_csv",
+                  "report.tile_bank")
 #: Fields of those sections that do not change results.
 _NOT_RESULTS = frozenset({"providers", "allow_fallback", "threads", "fp16", "device_id", "trt_cache_dir", "report",
                           "encoder", "encoder_weights", "mil"})
@@ -149,6 +152,21 @@ class RunConfig:
         config = self._with("encoder", {"encoder_sha256": encoder_sha256}, {"encoder.encoder_sha256": "encoder file"})
         return config._with("mil", {"mil_sha256": mil_sha256, "slide_threshold": slide_threshold},
                             {"mil.mil_sha256": "MIL head files", "mil.slide_threshold": "MIL head files"})
+
+    def with_absolute_paths(self) -> "RunConfig":
+        """Settings that name existing files or folders (encoder, weights, head, mpp CSV, tile
+        bank, TensorRT cache) made absolute, so worker processes and stored provenance do not
+        depend on the working directory. Names such as ``default`` stay as they are."""
+        config = self
+        for dotted in _PATH_SETTINGS:
+            section, name = dotted.split(".")
+            value = getattr(getattr(config, section), name)
+            if value is None or not os.path.exists(os.path.expanduser(value)):
+                continue
+            absolute = os.path.abspath(os.path.expanduser(value))
+            if absolute != value:
+                config = config._with(section, {name: absolute}, {dotted: config.source(dotted)})
+        return config
 
     # -- reading -----------------------------------------------------------------------------
     def source(self, dotted: str) -> str:
