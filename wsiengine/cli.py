@@ -349,14 +349,14 @@ def _cmd_config_show(args: argparse.Namespace) -> int:
         print(json.dumps({"config": config.to_dict(), "sources": {name: source for name, _, source in rows},
                           "key": config.key()}, indent=2, default=str))
         return 0
-    width = max(len(name) for name, _, _ in rows)
+    width = max(len(name.split(".", 1)[1]) for name, _, _ in rows)
     section = None
     for name, value, source in rows:
         if name.split(".")[0] != section:
             section = name.split(".")[0]
             print(f"[{section}]")
-        shown = ",".join(map(str, value)) if isinstance(value, list) else value
-        print(f"  {name.split('.', 1)[1]:<{width - len(section) - 1}} = {shown!s:<24} # {source}")
+        shown = ",".join(map(str, value)) if isinstance(value, list) else "unset" if value is None else value
+        print(f"  {name.split('.', 1)[1]:<{width}} = {shown!s:<24} # {source}")
     return 0
 
 
