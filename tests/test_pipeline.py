@@ -58,6 +58,8 @@ def test_real_slide_end_to_end_and_store_reopens(cmu_result, pipeline):
     assert slide["fingerprint"].startswith("sha256s:") and slide["name"] == "cmu-1-small-region.svs"
     assert store.config == pipeline.config.to_dict()  # the resolved run configuration, verbatim
     assert we.RunConfig.from_dict(store.config) == pipeline.config
+    with we.open_slide(store.slide["path"]) as slide:  # the grid the pipeline plans is the one it ran
+        assert len(pipeline.plan(slide)[1]) == n
     assert store.config["tiling"]["target_mpp"] == pipeline.mil.target_mpp and "stream" in store.config
     assert store.encoder["spec"]["name"] == "default" and len(store.encoder["sha256"]) == 64
     assert store.mil["name"] == "default" and store.mil["sha256"] == pipeline.mil.config["sha256"]

@@ -202,7 +202,7 @@ class Pipeline:
         if encoder is not None and not isinstance(encoder, Encoder):
             base = base.replace(encoder=os.fspath(encoder))
         if mil is None:
-            base = base._with("mil", {"mil": None}, {"mil.mil": "code"})
+            base = base.set("mil.mil", None)
         elif mil is not _GIVEN_BY_CONFIG and not isinstance(mil, MILHead):
             base = base.replace(mil=os.fspath(mil))
         self.encoder = encoder if isinstance(encoder, Encoder) else load_encoder(base)

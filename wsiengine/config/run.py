@@ -118,6 +118,12 @@ class RunConfig:
         layers.apply_mapping(changes, "code")
         return RunConfig(**layers.build(), sources=tuple(sorted(layers.sources.items())))
 
+    def set(self, dotted: str, value: Any, source: str = "code") -> "RunConfig":
+        """A copy with one setting (dotted name) set to ``value``, None included (``mil.mil``
+        None: no head), recorded as coming from ``source``."""
+        section, name = dotted.split(".")
+        return self._with(section, {name: value}, {dotted: source})
+
     def _with(self, section: str, changes: dict[str, Any], sources: dict[str, str]) -> "RunConfig":
         merged = dict(self.sources)
         merged.update(sources)
