@@ -7,6 +7,7 @@ checkpoints load by name; see each spec's ``source`` for where its weights come 
 
 from __future__ import annotations
 
+from ..errors import UnknownEncoderError
 from .specs import EncoderSpec
 
 __all__ = ["ENCODERS", "register_encoder", "get_encoder_spec", "list_encoders"]
@@ -27,7 +28,7 @@ def get_encoder_spec(name: str) -> EncoderSpec:
     try:
         return ENCODERS[name]
     except KeyError:
-        raise KeyError(f"unknown encoder {name!r}; known: {', '.join(sorted(ENCODERS))}") from None
+        raise UnknownEncoderError(f"unknown encoder {name!r}; known: {', '.join(sorted(ENCODERS))}") from None
 
 
 def list_encoders() -> list[str]:

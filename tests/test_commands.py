@@ -139,9 +139,22 @@ def test_config_show_prints_values_and_their_sources(tmp_path, capsys, monkeypat
     assert shown["sources"]["tiling.min_tissue"] == "env WSIENGINE_MIN_TISSUE"
     assert shown["sources"]["tiling.overlap_px"] == "command line --overlap-px"
     assert shown["sources"]["tiling.tile_px"] == "MIL head 'default'" and shown["config"]["tiling"]["tile_px"] == 96
-    assert main(["config", "show"]) == 0
+    assert main(["config", "show", "--config", str(toml), "--overlap-px", "8"]) == 0
     text = capsys.readouterr().out
     assert "[tiling]" in text and "# MIL head 'default'" in text
+    saved = tmp_path / "shown.toml"  # what config show prints is a TOML file that loads back
+    saved.write_text(text)
+    from wsiengine.cli import build_parser, resolved_config
+
+    again = resolved_config(build_parser().parse_args(["config", "show", "--config", str(saved)]))
+    assert again.key() == shown["key"] != ""
+
+
+def test_config_show_gives_the_key_the_run_resumes_by(capsys):
+    import wsiengine as we
+
+    assert main(["config", "show", "--json"]) == 0
+    assert _json(capsys)["key"] == we.Pipeline(report=False).config.key()
 
 
 def test_report_from_another_directory_finds_the_slide(sample_folder, tmp_path, monkeypatch, capsys):

@@ -164,16 +164,64 @@ def test_sections_validate_and_encoder_options_parse():
     assert EncoderConfig(providers="tensorrt, cuda").provider_list == ["tensorrt", "cuda"]
     assert RunConfig.load(env={}, mil="none").mil.mil is None
     assert RunConfig.load(env={}, mpp="0.25").slide.mpp == (0.25, 0.25)
-    with pytest.raises(ConfigError, match="workers"):
-        RunConfig.load(env={}, workers=2, scheduler="tcp://h:8786")
+    # a scheduler from a later source wins over workers from an earlier one (run_batch logs it)
+    assert RunConfig.load(env={"WSIENGINE_WORKERS": "2"}, scheduler="tcp://h:8786").batch.scheduler == "tcp://h:8786"
 
 
-def test_training_config_takes_code_over_environment(monkeypatch):
-    monkeypatch.setenv("WSIENGINE_SEED", "3")
-    assert MILTrainConfig.from_env().seed == 3
+def test_training_config_takes_file_env_code_in_order_and_its_own_names(monkeypatch, tmp_path):
+    toml = tmp_path / "c.toml"
+    toml.write_text("[train]\nseed = 2\nfolds = 3\n[tiling]\nmin_tissue = 0.4\n")
+    assert MILTrainConfig.from_env(toml).seed == 2 and RunConfig.load(toml, env={}).tiling.min_tissue == 0.4
+    monkeypatch.setenv("WSIENGINE_SEED", "9")  # not a training variable: too ambiguous without the section
+    monkeypatch.setenv("WSIENGINE_THREADS", "1")  # the encoder's threads, not torch's
+    monkeypatch.setenv("WSIENGINE_TRAIN__SEED", "3")
+    trained = MILTrainConfig.from_env(toml)
+    assert (trained.seed, trained.folds, trained.threads) == (3, 3, 0)
     with set_defaults(**{"train.seed": 4}):
         assert MILTrainConfig.from_env().seed == 4
         assert MILTrainConfig.from_env(seed=5).seed == 5
+        assert RunConfig.load(env={}).tiling.min_tissue == 0.25  # training names never reach a run
+
+
+def test_file_paths_are_relative_to_the_file_and_model_names_stay(tmp_path, monkeypatch):
+    (tmp_path / "conf").mkdir()
+    (tmp_path / "conf" / "heads" / "x").mkdir(parents=True)
+    toml = tmp_path / "conf" / "run.toml"
+    toml.write_text('mpp_csv = "mpp.csv"\n[mil]\nmil = "heads/x"\n[encoder]\nencoder = "default"\n')
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "default").mkdir()  # a folder named like a model does not capture the name
+    config = RunConfig.load(toml, env={}).with_absolute_paths()
+    assert config.mil.mil == str(tmp_path / "conf" / "heads" / "x")
+    assert config.slide.mpp_csv == str(tmp_path / "conf" / "mpp.csv") and config.encoder.encoder == "default"
+
+
+def test_changing_a_model_forgets_what_came_from_the_old_one():
+    resolved = RunConfig.load(env={}).resolve_tiling(HEAD, ENCODER).with_models(
+        encoder_sha256="a" * 64, mil_sha256="b" * 64, slide_threshold=0.5)
+    other = resolved.replace(mil="other/")
+    assert other.tiling.target_mpp is None and other.mil.mil_sha256 is None and other.encoder.encoder_sha256 is None
+    assert resolved.replace(min_tissue=0.5).tiling.target_mpp == 0.972  # other changes keep it
+    kept = RunConfig.load(env={}, target_mpp=1.0).resolve_tiling(HEAD, ENCODER).replace(mil="other/")
+    assert kept.tiling.target_mpp == 1.0 and kept.tiling.tile_px is None  # explicit settings stay
+    with pytest.raises(ConfigError, match="unknown setting"):
+        resolved.set("tiling.nosuch", 1)
+
+
+def test_bad_file_values_are_config_errors(tmp_path):
+    for text in ('[slide]\nmpp = ["x"]\n', "[slide]\nmpp = [[1]]\n", "[outputs]\nheatmaps = [1]\n"):
+        toml = tmp_path / "bad.toml"
+        toml.write_text(text)
+        with pytest.raises(ConfigError):
+            RunConfig.load(toml, env={})
+
+
+def test_to_toml_reads_back_as_the_same_settings(tmp_path):
+    config = RunConfig.load(env={}, target_mpp=0.5, heatmaps=["attention"], vlm_url="http://127.0.0.1:1/v1",
+                            mpp="0.25,0.3").resolve_tiling(HEAD, ENCODER)
+    path = tmp_path / "shown.toml"
+    path.write_text(config.to_toml())
+    again = RunConfig.load(path, env={})
+    assert again.to_dict() == config.to_dict()
 
 
 def test_paths_become_absolute_and_names_stay(tmp_path, monkeypatch):

@@ -344,19 +344,13 @@ def _cmd_doctor(args: argparse.Namespace) -> int:
 
 def _cmd_config_show(args: argparse.Namespace) -> int:
     config = resolved_config(args)
-    rows = config.explain()
     if args.json:
-        print(json.dumps({"config": config.to_dict(), "sources": {name: source for name, _, source in rows},
+        print(json.dumps({"config": config.to_dict(), "sources": {name: source for name, _, source in config.explain()},
                           "key": config.key()}, indent=2, default=str))
         return 0
-    width = max(len(name.split(".", 1)[1]) for name, _, _ in rows)
-    section = None
-    for name, value, source in rows:
-        if name.split(".")[0] != section:
-            section = name.split(".")[0]
-            print(f"[{section}]")
-        shown = ",".join(map(str, value)) if isinstance(value, list) else "unset" if value is None else value
-        print(f"  {name.split('.', 1)[1]:<{width}} = {shown!s:<24} # {source}")
+    print(f"# wsiengine {__version__}: the resolved run configuration; resume key {config.key()}")
+    print("# a TOML file: `wsiengine config show > run.toml`, then --config run.toml")
+    print(config.to_toml())
     return 0
 
 

@@ -103,6 +103,13 @@ class ModelError(WsiEngineError):
     """A model file is missing, unreadable, or does not match its spec (input size, embedding size)."""
 
 
+class UnknownEncoderError(ModelError, KeyError):
+    """An encoder name that is not in the registry (also a ``KeyError``)."""
+
+    def __str__(self) -> str:  # KeyError would quote the message
+        return str(self.args[0]) if self.args else ""
+
+
 class ProviderError(WsiEngineError):
     """A requested ONNX Runtime execution provider (CUDA, TensorRT) is not available here."""
 

@@ -12,7 +12,7 @@ from typing import Any
 
 import numpy as np
 
-from .aggregate import MILHead, SlidePrediction
+from .aggregate import MILHead, SlidePrediction, default_head_path
 from .config import RunConfig, SlideConfig
 from .encode import Encoder
 from .errors import ConfigError
@@ -164,6 +164,18 @@ def load_mil(config: RunConfig) -> MILHead | None:
 _GIVEN_BY_CONFIG = object()
 
 
+def _encoder_names(encoder: Encoder) -> dict[str, str | None]:
+    """The ``encoder``/``encoder_weights`` settings that load ``encoder`` again."""
+    from .models import list_encoders
+
+    default_spec, default_path = Encoder.locate("default")
+    if encoder.spec == default_spec and Path(encoder.path) == default_path:
+        return {"encoder": "default", "encoder_weights": None}
+    if encoder.spec.name in list_encoders():
+        return {"encoder": encoder.spec.name, "encoder_weights": str(encoder.path)}
+    return {"encoder": str(encoder.path), "encoder_weights": None}
+
+
 class Pipeline:
     """One slide end to end: tissue -> tiles -> embeddings -> MIL -> store, heatmaps, GeoJSON,
     overlay, report.
@@ -199,11 +211,16 @@ class Pipeline:
             base = config.replace(**settings)
         else:
             base = RunConfig.load(config, **settings)
-        if encoder is not None and not isinstance(encoder, Encoder):
+        if isinstance(encoder, Encoder):  # the configuration names the model it holds
+            for name, value in _encoder_names(encoder).items():
+                base = base.set(f"encoder.{name}", value)
+        elif encoder is not None:
             base = base.replace(encoder=os.fspath(encoder))
         if mil is None:
             base = base.set("mil.mil", None)
-        elif mil is not _GIVEN_BY_CONFIG and not isinstance(mil, MILHead):
+        elif isinstance(mil, MILHead):
+            base = base.set("mil.mil", "default" if mil.path == default_head_path() else str(mil.path))
+        elif mil is not _GIVEN_BY_CONFIG:
             base = base.replace(mil=os.fspath(mil))
         self.encoder = encoder if isinstance(encoder, Encoder) else load_encoder(base)
         self.mil = mil if isinstance(mil, MILHead) else load_mil(base)

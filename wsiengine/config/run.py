@@ -21,6 +21,7 @@ import json
 import logging
 import os
 from collections.abc import Mapping
+from pathlib import Path
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
@@ -39,7 +40,7 @@ from .sections import (
     TissueConfig,
     VLMConfig,
 )
-from .sources import CONFIG_FILE_ENV, FieldInfo, Layers, code_overrides, fields_of
+from .sources import CONFIG_FILE_ENV, FieldInfo, Layers, code_overrides, fields_of, read_toml
 from .tiling import ModelTiling, tiling_mismatch_message
 
 __all__ = ["RunConfig", "DEFAULT_SOURCE"]
@@ -52,6 +53,10 @@ _RESULT_SECTIONS = ("tissue", "tiling", "encoder", "mil", "outputs")
 #: Settings that may name a file or folder.
 _PATH_SETTINGS = ("encoder.encoder", "encoder.encoder_weights", "encoder.trt_cache_dir", "mil.mil", "slide.mpp_csv",
                   "report.tile_bank")
+#: Settings filled from the models by the resolver.
+_RESOLVED = ("encoder.encoder_sha256", "encoder.encoder_spec_sha256", "mil.mil_sha256", "mil.slide_threshold")
+#: Sources that name a model (the labels of :class:`ModelTiling`).
+_MODEL_SOURCES = ("MIL head", "encoder ")
 #: Fields of those sections that do not change results.
 _NOT_RESULTS = frozenset({"providers", "allow_fallback", "threads", "fp16", "device_id", "trt_cache_dir", "report",
                           "encoder", "encoder_weights", "mil"})
@@ -98,7 +103,7 @@ class RunConfig:
         layers = Layers(cls.SECTIONS)
         path = file if file is not None else env.get(CONFIG_FILE_ENV)
         if path:
-            layers.apply_file(path)
+            layers.apply_mapping(_file_settings(path), f"file {Path(path).expanduser()}")
         layers.apply_env(env)
         layers.apply_mapping(code_overrides(), "code (set_defaults)")
         layers.apply_mapping({k: v for k, v in code.items() if v is not None}, "code")
@@ -107,7 +112,9 @@ class RunConfig:
         return cls(**layers.build(), sources=tuple(sorted(layers.sources.items())))
 
     def replace(self, **changes: Any) -> "RunConfig":
-        """A copy with settings changed in code (flat or dotted names, or whole sections)."""
+        """A copy with settings changed in code (flat or dotted names, or whole sections). When
+        the encoder or head changes, what was taken from the old models (their hashes, and a
+        tiling that came from them) is unset again, to be resolved anew."""
         changes = {k: v for k, v in changes.items() if v is not None}
         if not changes:
             return self
@@ -116,13 +123,32 @@ class RunConfig:
             layers.values[section] = dataclasses.asdict(getattr(self, section))
         layers.sources.update(self.sources)
         layers.apply_mapping(changes, "code")
-        return RunConfig(**layers.build(), sources=tuple(sorted(layers.sources.items())))
+        config = RunConfig(**layers.build(), sources=tuple(sorted(layers.sources.items())))
+        return config._forget_models() if config._models() != self._models() else config
 
     def set(self, dotted: str, value: Any, source: str = "code") -> "RunConfig":
         """A copy with one setting (dotted name) set to ``value``, None included (``mil.mil``
         None: no head), recorded as coming from ``source``."""
-        section, name = dotted.split(".")
-        return self._with(section, {name: value}, {dotted: source})
+        section, _, name = dotted.partition(".")
+        info = self.fields().get(name)
+        if info is None or info.section != section:
+            raise ConfigError(f"unknown setting {dotted!r}")
+        config = self._with(section, {name: value}, {dotted: source})
+        return config._forget_models() if config._models() != self._models() else config
+
+    def _models(self) -> tuple[Any, ...]:
+        return self.encoder.encoder, self.encoder.encoder_weights, self.mil.mil
+
+    def _forget_models(self) -> "RunConfig":
+        """Unset what was resolved from the models (hashes, threshold, a tiling they gave)."""
+        sources = dict(self.sources)
+        model_given = [n for n in ("target_mpp", "tile_px") if sources.get(f"tiling.{n}", "").startswith(_MODEL_SOURCES)]
+        for name in [*(f"tiling.{n}" for n in model_given), *_RESOLVED]:
+            sources.pop(name, None)
+        return dataclasses.replace(
+            self, tiling=self.tiling.replace(**{n: None for n in model_given}),
+            encoder=self.encoder.replace(encoder_sha256=None, encoder_spec_sha256=None),
+            mil=self.mil.replace(mil_sha256=None, slide_threshold=None), sources=tuple(sorted(sources.items())))
 
     def _with(self, section: str, changes: dict[str, Any], sources: dict[str, str]) -> "RunConfig":
         merged = dict(self.sources)
@@ -153,9 +179,10 @@ class RunConfig:
         return resolved
 
     def with_models(self, *, encoder_sha256: str | None, mil_sha256: str | None,
-                    slide_threshold: float | None) -> "RunConfig":
-        """The loaded models' identities filled in (part of :meth:`key`)."""
-        config = self._with("encoder", {"encoder_sha256": encoder_sha256}, {"encoder.encoder_sha256": "encoder file"})
+                    slide_threshold: float | None, encoder_spec_sha256: str | None = None) -> "RunConfig":
+        """The models' identities filled in (part of :meth:`key`)."""
+        config = self._with("encoder", {"encoder_sha256": encoder_sha256, "encoder_spec_sha256": encoder_spec_sha256},
+                            {"encoder.encoder_sha256": "encoder file", "encoder.encoder_spec_sha256": "encoder spec"})
         return config._with("mil", {"mil_sha256": mil_sha256, "slide_threshold": slide_threshold},
                             {"mil.mil_sha256": "MIL head files", "mil.slide_threshold": "MIL head files"})
 
@@ -167,7 +194,7 @@ class RunConfig:
         for dotted in _PATH_SETTINGS:
             section, name = dotted.split(".")
             value = getattr(getattr(config, section), name)
-            if value is None or not os.path.exists(os.path.expanduser(value)):
+            if not _names_a_file(dotted, value) or not os.path.exists(os.path.expanduser(value)):
                 continue
             absolute = os.path.abspath(os.path.expanduser(value))
             if absolute != value:
@@ -187,6 +214,22 @@ class RunConfig:
             for name, value in getattr(self, section).to_dict().items():
                 rows.append((f"{section}.{name}", value, self.source(f"{section}.{name}")))
         return rows
+
+    def to_toml(self) -> str:
+        """The settings as a TOML file :meth:`load` reads back (unset and resolved values are
+        comments), each value followed by where it came from."""
+        lines = []
+        for section in self.SECTIONS:
+            lines.append(f"[{section}]")
+            for info in (i for i in self.fields().values() if i.section == section):
+                value = getattr(getattr(self, section), info.name)
+                source = self.source(info.dotted)
+                text = f"{info.name} = {_toml_value(value)}" if value is not None else f"# {info.name} = (unset)"
+                if info.resolved and value is not None:
+                    text = "# " + text
+                lines.append(f"{text:<44} # {source}" if not text.startswith("#") else f"{text}  ({source})")
+            lines.append("")
+        return "\n".join(lines)
 
     def to_dict(self) -> dict[str, dict[str, Any]]:
         """``{section: {field: value}}``, JSON-ready: what a result store records verbatim."""
@@ -209,6 +252,7 @@ class RunConfig:
         for section in _RESULT_SECTIONS:
             payload[section] = {k: v for k, v in getattr(self, section).to_dict().items() if k not in _NOT_RESULTS}
         payload["encoder"]["model"] = self.encoder.encoder_sha256 or self.encoder.encoder
+        payload["encoder"]["spec"] = self.encoder.encoder_spec_sha256 or self.encoder.encoder
         payload["mil"]["model"] = self.mil.mil_sha256 or self.mil.mil
         text = json.dumps(payload, sort_keys=True, default=str)
         return hashlib.sha256(text.encode()).hexdigest()[:32]
@@ -217,3 +261,43 @@ class RunConfig:
     def stage_tiling(self) -> TilingConfig:
         """The tiling a stage receives: resolved, or the defaults where still unset."""
         return self.tiling.with_defaults()
+
+
+def _names_a_file(dotted: str, value: Any) -> bool:
+    """Whether a path setting's value names a file rather than a model: the encoder is a file
+    when it ends with ``.onnx`` (else a registry name), the head when it is not ``default``."""
+    if not isinstance(value, str) or not value:
+        return False
+    if dotted == "encoder.encoder":
+        return value.endswith(".onnx")
+    if dotted == "mil.mil":
+        return value != "default"
+    return True
+
+
+def _file_settings(path: str | os.PathLike[str]) -> dict[str, Any]:
+    """A TOML file's settings for a run: its ``[train]`` table (for ``train-mil``) left out, and
+    relative file paths taken relative to the file's folder, not the working directory."""
+    data = dict(read_toml(path))
+    data.pop("train", None)
+    folder = Path(path).expanduser().resolve().parent
+    tables = {k: dict(v) for k, v in data.items() if isinstance(v, dict)}
+    data.update(tables)
+    for dotted in _PATH_SETTINGS:
+        section, name = dotted.split(".")
+        # a setting may be written in its [section] table, by its flat name or by its dotted name
+        for holder, key in ((tables.get(section, {}), name), (data, name), (data, dotted)):
+            value = holder.get(key)
+            if isinstance(value, str) and _names_a_file(dotted, value) and not os.path.isabs(os.path.expanduser(value)):
+                holder[key] = str(folder / value)
+    return data
+
+
+def _toml_value(value: Any) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, (int, float)):
+        return repr(value)
+    if isinstance(value, (list, tuple)):
+        return "[" + ", ".join(_toml_value(v) for v in value) + "]"
+    return json.dumps(str(value))

@@ -138,7 +138,7 @@ class TilingConfig(_Section):
 
     ``target_mpp`` and ``tile_px`` may be left unset (None): the run's resolver then takes them
     from the MIL head's training tiling, else the encoder's spec, else 224 px at 0.5 µm/px
-    (:func:`wsiengine.config.resolve_tiling`). A stage given a config with them unset uses
+    (:meth:`wsiengine.config.RunConfig.resolve_tiling`). A stage given a config with them unset uses
     those defaults.
 
     Parameters
@@ -249,6 +249,8 @@ class EncoderConfig(_Section):
         Folder where TensorRT keeps its built engines (default ~/.cache/wsiengine/trt).
     encoder_sha256 : str, optional
         Filled when the run is resolved: the sha256 of the encoder file (part of the resume key).
+    encoder_spec_sha256 : str, optional
+        Filled when the run is resolved: the sha256 of the encoder's spec (normalisation, input size; part of the resume key).
     """
 
     encoder: str = "default"
@@ -260,6 +262,7 @@ class EncoderConfig(_Section):
     device_id: int = 0
     trt_cache_dir: str | None = None
     encoder_sha256: str | None = field(default=None, metadata={"resolved": True})
+    encoder_spec_sha256: str | None = field(default=None, metadata={"resolved": True})
 
     def __post_init__(self) -> None:
         if not self.encoder:
@@ -478,7 +481,7 @@ class BatchConfig(_Section):
     Parameters
     ----------
     workers : int, optional
-        Local worker processes (default: one per two physical cores, 1 below 4 cores).
+        Local worker processes (default: one per two physical cores, 1 below 4 cores); ignored with a scheduler.
     scheduler : str, optional
         Address of a running dask.distributed scheduler, e.g. tcp://host:8786.
     parallel : {"auto", "slides", "chunks"}
@@ -500,8 +503,6 @@ class BatchConfig(_Section):
             _positive("workers", self.workers)
         _positive("chunk_tiles", self.chunk_tiles)
         _choice("parallel", self.parallel, ("auto", "slides", "chunks"))
-        if self.workers is not None and self.scheduler is not None:
-            raise ConfigError("give either workers (a local cluster) or scheduler (an existing one), not both")
 
 
 @dataclass(frozen=True)
@@ -600,9 +601,11 @@ class MILTrainConfig(_Section):
         _choice("device", self.device, ("cpu", "cuda", "auto"))
 
     @classmethod
-    def from_env(cls, **explicit: Any) -> "MILTrainConfig":
-        """Defaults, then ``WSIENGINE_TRAIN__<FIELD>`` (or ``WSIENGINE_<FIELD>``) variables, then
-        :func:`~wsiengine.config.set_defaults`, then the non-None ``explicit`` arguments."""
+    def from_env(cls, file: str | os.PathLike[str] | None = None, **explicit: Any) -> "MILTrainConfig":
+        """Defaults, then the ``[train]`` table of the TOML ``file`` (else ``$WSIENGINE_CONFIG``),
+        then ``WSIENGINE_TRAIN__<NAME>`` variables (dotted only: ``seed`` or ``threads`` alone would
+        be ambiguous), then :func:`~wsiengine.config.set_defaults` (``train.seed=...``), then the
+        non-None ``explicit`` arguments."""
         from .sources import build_section
 
-        return build_section(cls, "train", explicit)
+        return build_section(cls, "train", explicit, file)

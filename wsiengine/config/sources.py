@@ -50,14 +50,17 @@ class FieldInfo:
     help: str
     kind: str  # the type as the docstring writes it, e.g. '{"warn", "raise"}'
     resolved: bool  # filled by the resolver, not set by users
+    flat_env: bool = True  # WSIENGINE_<NAME> as well as WSIENGINE_<SECTION>__<NAME>
 
     @property
     def dotted(self) -> str:
         return f"{self.section}.{self.name}"
 
     @property
-    def env_names(self) -> tuple[str, str]:
-        return (f"{ENV_PREFIX}{self.name.upper()}", f"{ENV_PREFIX}{self.section.upper()}__{self.name.upper()}")
+    def env_names(self) -> tuple[str, ...]:
+        """The environment variables of this setting, the one the docs name first."""
+        dotted = f"{ENV_PREFIX}{self.section.upper()}__{self.name.upper()}"
+        return (f"{ENV_PREFIX}{self.name.upper()}", dotted) if self.flat_env else (dotted,)
 
     @property
     def optional(self) -> bool:
@@ -103,14 +106,14 @@ def field_help(cls: type) -> dict[str, tuple[str, str]]:
     return out
 
 
-def fields_of(sections: Mapping[str, type]) -> dict[str, FieldInfo]:
+def fields_of(sections: Mapping[str, type], *, flat_env: bool = True) -> dict[str, FieldInfo]:
     """Every field of ``sections`` (``{section name: dataclass}``) by flat name; the flat names
-    must be unique."""
-    return dict(_fields_of(tuple(sections.items())))
+    must be unique. ``flat_env=False``: only ``WSIENGINE_<SECTION>__<NAME>`` variables set them."""
+    return dict(_fields_of(tuple(sections.items()), flat_env))
 
 
 @functools.lru_cache(maxsize=16)
-def _fields_of(sections: tuple[tuple[str, type], ...]) -> dict[str, FieldInfo]:
+def _fields_of(sections: tuple[tuple[str, type], ...], flat_env: bool) -> dict[str, FieldInfo]:
     out: dict[str, FieldInfo] = {}
     for section, cls in sections:
         hints = get_type_hints(cls)
@@ -121,7 +124,7 @@ def _fields_of(sections: tuple[tuple[str, type], ...]) -> dict[str, FieldInfo]:
                 raise ConfigError(f"setting name {f.name!r} is in both {out[f.name].section!r} and {section!r}")
             default = f.default if f.default is not dataclasses.MISSING else f.default_factory()  # type: ignore[misc]
             out[f.name] = FieldInfo(section, f.name, hints[f.name], default, text, kind,
-                                    bool(f.metadata.get("resolved")))
+                                    bool(f.metadata.get("resolved")), flat_env)
     return out
 
 
@@ -180,9 +183,12 @@ def check_value(info: FieldInfo, value: Any) -> Any:
         if isinstance(value, (int, float)) and not isinstance(value, bool):
             value = (value,)
         ok = isinstance(value, (list, tuple))
-        value = tuple(value) if ok else value
-        if ok and typing.get_args(base) and typing.get_args(base)[0] is float:
-            value = tuple(float(v) for v in value) * (2 if len(value) == 1 else 1)
+        if ok:
+            numbers = bool(typing.get_args(base)) and typing.get_args(base)[0] is float
+            kind = (int, float) if numbers else str
+            ok = all(isinstance(v, kind) and not isinstance(v, bool) for v in value)
+        if ok:
+            value = tuple(float(v) for v in value) * (2 if len(value) == 1 else 1) if numbers else tuple(value)
     else:  # str and Literal
         if isinstance(value, os.PathLike):
             value = os.fspath(value)
@@ -209,17 +215,21 @@ def _type_name(info: FieldInfo) -> str:
 def set_defaults(**values: Any) -> Iterator[None]:
     """Set options in code for the duration of a ``with`` block, like ``dask.config.set``:
     ``with set_defaults(target_mpp=0.25): ...``. Names are flat (``target_mpp``) or dotted
-    (``tiling.target_mpp``; ``train.seed`` for :class:`MILTrainConfig`). They beat the TOML file
-    and the environment; explicit arguments and command-line flags beat them."""
+    (``tiling.target_mpp``); training settings by their dotted name (``train.seed``, read by
+    :meth:`MILTrainConfig.from_env`). They beat the TOML file and the environment; explicit
+    arguments and command-line flags beat them."""
     from .run import RunConfig
     from .sections import MILTrainConfig
 
     run_fields = fields_of(RunConfig.SECTIONS)
     train_fields = fields_of({"train": MILTrainConfig})
     for name in values:
-        short = name.split(".")[-1]
-        if not (short in run_fields or short in train_fields):
-            raise ConfigError(f"unknown option {name!r}; known: {sorted(run_fields)}")
+        section, _, short = name.rpartition(".")
+        known = (short in train_fields) if section == "train" else (short in run_fields and (
+            not section or run_fields[short].section == section))
+        if not known:
+            raise ConfigError(f"unknown option {name!r}; known: {sorted(run_fields)} and train.<name> for "
+                              f"{sorted(train_fields)}")
     previous = dict(_CODE)
     _CODE.update(values)
     try:
@@ -229,9 +239,12 @@ def set_defaults(**values: Any) -> Iterator[None]:
         _CODE.update(previous)
 
 
-def code_overrides() -> dict[str, Any]:
-    """The options set by :func:`set_defaults` now."""
-    return dict(_CODE)
+def code_overrides(section: str | None = None) -> dict[str, Any]:
+    """The options set by :func:`set_defaults` now: those of a run (``section=None``: names
+    without a ``train.`` prefix) or of one section given by its dotted names (``"train"``)."""
+    if section is None:
+        return {k: v for k, v in _CODE.items() if not k.startswith("train.")}
+    return {k.split(".", 1)[1]: v for k, v in _CODE.items() if k.startswith(section + ".")}
 
 
 def read_toml(path: str | os.PathLike[str]) -> dict[str, Any]:
@@ -252,9 +265,9 @@ def read_toml(path: str | os.PathLike[str]) -> dict[str, Any]:
 class Layers:
     """Values of a set of sections gathered layer by layer, each remembered with its source."""
 
-    def __init__(self, sections: Mapping[str, type]) -> None:
+    def __init__(self, sections: Mapping[str, type], *, flat_env: bool = True) -> None:
         self.sections = dict(sections)
-        self.fields = fields_of(sections)
+        self.fields = fields_of(sections, flat_env=flat_env)
         self.values: dict[str, dict[str, Any]] = {s: {} for s in sections}
         self.sources: dict[str, str] = {}
 
@@ -286,14 +299,11 @@ class Layers:
             else:
                 self.set(key, value, source)
 
-    def apply_file(self, path: str | os.PathLike[str]) -> None:
-        self.apply_mapping(read_toml(path), f"file {Path(path).expanduser()}")
-
     def apply_env(self, env: Mapping[str, str]) -> None:
         for info in self.fields.values():
             if info.resolved:
                 continue
-            for var in info.env_names:  # the dotted form beats the flat one
+            for var in info.env_names:  # the dotted form (last) beats the flat one
                 if var in env:
                     self.set(info.dotted, env[var], f"env {var}", text=True)
 
@@ -310,14 +320,20 @@ class Layers:
         return out
 
 
-def build_section(cls: type, section: str, explicit: Mapping[str, Any]) -> Any:
-    """One section alone (``MILTrainConfig``): defaults, environment, :func:`set_defaults`, then
-    the non-None ``explicit`` values."""
-    layers = Layers({section: cls})
+def build_section(cls: type, section: str, explicit: Mapping[str, Any],
+                  file: str | os.PathLike[str] | None = None) -> Any:
+    """One section alone (``MILTrainConfig``, section ``train``), in the run's order: defaults,
+    the ``[section]`` table of the TOML ``file`` (else ``$WSIENGINE_CONFIG``),
+    ``WSIENGINE_<SECTION>__<NAME>`` variables, :func:`set_defaults` (``section.name``), then the
+    non-None ``explicit`` values."""
+    layers = Layers({section: cls}, flat_env=False)
+    path = file if file is not None else os.environ.get(CONFIG_FILE_ENV)
+    if path:
+        table = read_toml(path).get(section, {})
+        if not isinstance(table, Mapping):
+            raise ConfigError(f"'{path}': [{section}] must be a table of settings")
+        layers.apply_mapping(table, f"file {Path(path).expanduser()}")
     layers.apply_env(os.environ)
-    for name, value in code_overrides().items():
-        short = name.split(".")[-1]
-        if (name.startswith(section + ".") or "." not in name) and short in layers.fields:
-            layers.set(short, value, "code")
+    layers.apply_mapping(code_overrides(section), "code (set_defaults)")
     layers.apply_mapping({k: v for k, v in explicit.items() if v is not None}, "code")
     return layers.build()[section]

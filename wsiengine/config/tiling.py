@@ -46,6 +46,9 @@ def tiling_mismatch_message(model: ModelTiling, actual_mpp: float | None, actual
     problems = tiling_differences(model.target_mpp, model.tile_px, actual_mpp, actual_px)
     if not problems:
         return None
-    return (f"the {model.label} was trained on tiles of {model.tile_px} px at {model.target_mpp:.3g} µm/px; these "
-            f"tiles are {' and '.join(problems)}, so its output is out of distribution. Tile with --target-mpp "
-            f"{model.target_mpp:.3g} --tile-px {model.tile_px}, or leave both unset to follow the model")
+    trained = " at ".join(p for p in (f"{model.tile_px} px" if model.tile_px else "",
+                                      f"{model.target_mpp:.3g} µm/px" if model.target_mpp else "") if p)
+    flags = " ".join(p for p in (f"--target-mpp {model.target_mpp:.3g}" if model.target_mpp else "",
+                                 f"--tile-px {model.tile_px}" if model.tile_px else "") if p)
+    return (f"the {model.label} was trained on tiles of {trained}; these tiles are {' and '.join(problems)}, so its "
+            f"output is out of distribution. Tile with {flags}, or leave the tiling unset to follow the model")
