@@ -210,6 +210,8 @@ def test_results_to_an_fsspec_url(slide_folder, cluster, tmp_path):
     assert store.n_tiles > 50 and store.prediction is not None and store.attention.sum() == pytest.approx(1, abs=1e-4)
     assert (tmp_path / "remote-results" / "cmu-1-small-region.geojson").is_file()
     assert (tmp_path / "remote-results" / "summary.csv").is_file()
+    assert (tmp_path / "remote-results" / "wsiengine.log").is_file()  # uploaded, not left in the working folder
+    assert store.slide["path_from_results"] is None  # staged outputs: no path relative to a temporary folder
     again = run_batch(slide_folder / "a", url, scheduler=c.scheduler_address)
     assert [r.status for r in again.rows] == ["skipped"]
     # a store whose root metadata never arrived (an interrupted upload) is not a result

@@ -79,15 +79,22 @@ def test_run_with_mpp_processes_a_slide_without_resolution(no_mpp_slide, tmp_pat
     folder = tmp_path / "in"
     folder.mkdir()
     shutil.copy(no_mpp_slide, folder / no_mpp_slide.name)
-    assert main(["run", str(folder), "-o", str(tmp_path / "bare"), "--no-report"]) == 1
-    assert "MissingMppError" in _summary(tmp_path / "bare")[0]["error"]
-    assert main(["run", str(folder), "-o", str(tmp_path / "out"), "--mpp", "0.5", "--no-report"]) == 0
-    (row,) = _summary(tmp_path / "out")
+    out = tmp_path / "out"
+    assert main(["run", str(folder), "-o", str(out), "--no-report"]) == 1
+    assert "MissingMppError" in _summary(out)[0]["error"]
+    assert main(["run", str(folder), "-o", str(out), "--mpp", "0.5", "--no-report"]) == 0  # retried: mpp given
+    (row,) = _summary(out)
     assert row["status"] == "done" and int(row["n_tiles"]) > 0
+    assert main(["run", str(folder), "-o", str(out), "--mpp", "0.5", "--no-report"]) == 0
+    assert _summary(out)[0]["status"] == "skipped"  # resumes: the same mpp
+    csv_file = tmp_path / "mpp.csv"
+    csv_file.write_text(f"slide,mpp\n{no_mpp_slide.name},0.25\n")
+    assert main(["run", str(folder), "-o", str(out), "--mpp", "0.5", "--mpp-csv", str(csv_file), "--no-report"]) == 0
+    assert _summary(out)[0]["status"] == "done"  # the slide's CSV row beats --mpp: a new mpp, redone
     from wsiengine import open_result
 
-    store = open_result(tmp_path / "out" / f"{row['slide_id']}.zarr")
-    assert store.slide["mpp"] == [0.5, 0.5] and store.slide["mpp_source"].startswith("user")
+    store = open_result(out / f"{row['slide_id']}.zarr")
+    assert store.slide["mpp"] == [0.25, 0.25] and store.slide["mpp_source"].startswith("user")
 
 
 @pytest.mark.parametrize("where", ["after", "before"])

@@ -150,7 +150,7 @@ def _cmd_embed(args: argparse.Namespace) -> int:
         t0 = time.perf_counter()
         progress = sys.stderr.isatty() and not args.quiet
         path = embed_slide(slide, grid, encoder, args.output, batch_size=config.stream.batch_size, progress=progress,
-                           config=config)
+                           config=config, stream=config.stream)
         seconds = time.perf_counter() - t0
     print(f"{slide.path.name}: {len(grid)} tiles of {grid.tile_px} px at {grid.target_mpp:g} µm/px -> {path} "
           f"({encoder.embed_dim}-d {encoder.spec.name} on {encoder.providers[0]}) in {seconds:.1f} s "

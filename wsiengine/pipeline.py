@@ -13,16 +13,17 @@ from typing import Any
 import numpy as np
 
 from .aggregate import MILHead, SlidePrediction, default_head_path
-from .config import RunConfig, SlideConfig
+from .config import RunConfig, SlideConfig, StreamConfig
 from .encode import Encoder
 from .errors import ConfigError
 from .resolve import resolve_config
-from .slide import Slide, open_slide
+from .slide import Slide, open_slide, slide_id_for
 from .store import FeatureWriter
 from .tiling import TileGrid, plan_tiles
 from .tissue import TissueMask
 
 __all__ = ["embed_slide", "Pipeline", "SlideResult", "slide_id_for", "slide_attrs", "plan_slide", "open_run_slide",
+           "configured_mpp",
            "load_encoder",
            "load_mil"]
 
@@ -39,7 +40,7 @@ def embed_slide(
     chunk_rows: int = 512,
     progress: bool = False,
     config: RunConfig | None = None,
-    **stream_options: Any,
+    stream: StreamConfig | None = None,
 ) -> Path:
     """Embed every tile of ``grid`` into the Zarr store ``out`` (``features``, ``tiles/coords``),
     streaming batches to disk as they are produced; returns the committed store's path.
@@ -47,7 +48,7 @@ def embed_slide(
     Memory holds the in-flight patch batches and the feature chunks being filled, never the
     slide's features. If anything fails, no store appears under ``out``. ``progress`` shows
     a tile progress bar on stderr. ``config``, the run's resolved configuration, is recorded
-    in the store.
+    in the store; ``stream`` sets the parallel reading (default ``config.stream``).
     """
     from tqdm.auto import tqdm
 
@@ -57,7 +58,8 @@ def embed_slide(
         attrs["config"] = config.to_dict()
     with FeatureWriter(out, grid, encoder.embed_dim, attrs=attrs, chunk_rows=chunk_rows) as writer, \
             tqdm(total=len(grid), unit="tile", desc=slide.path.name, disable=not progress, leave=False) as bar:
-        for index, features in encoder.stream(slide, grid, batch_size, **stream_options):
+        stream = stream or (config.stream if config is not None else None)
+        for index, features in encoder.stream(slide, grid, batch_size, config=stream):
             writer.write(index, features)
             bar.update(len(index))
         path = writer.commit(timings={"embed_s": round(time.perf_counter() - started, 3)})
@@ -111,24 +113,16 @@ class SlideResult:
 EmbedFunction = Callable[[Slide, TileGrid], Iterator[tuple[np.ndarray, np.ndarray]]]
 
 
-def slide_id_for(path: str | os.PathLike[str]) -> str:
-    """The id a slide's outputs are named by: its file name without slide suffixes (``x.ome.tiff`` -> ``x``)."""
-    name = Path(path).name
-    for suffix in (".ome.tiff", ".ome.tif", ".ome.zarr"):
-        if name.lower().endswith(suffix):
-            return name[: -len(suffix)]
-    return Path(name).stem if Path(name).suffix else name
-
-
-def slide_attrs(slide: Slide, out_dir: str | os.PathLike[str]) -> dict[str, Any]:
+def slide_attrs(slide: Slide, out_dir: str | os.PathLike[str] | None) -> dict[str, Any]:
     """What a store records about its slide: the absolute path, the path relative to the
     results folder ``out_dir`` (so a results tree moved together with its slides still finds
-    them), name, size, resolution and its source, backend, vendor and content fingerprint."""
+    them; None: not recorded), name, size, resolution and its source, backend, vendor and
+    content fingerprint."""
     from .store import slide_fingerprint
 
     path = Path(slide.path).expanduser().absolute()
     try:
-        relative = os.path.relpath(path, Path(out_dir).expanduser().absolute())
+        relative = None if out_dir is None else os.path.relpath(path, Path(out_dir).expanduser().absolute())
     except ValueError:  # another drive (Windows)
         relative = None
     return {"path": str(path), "path_from_results": relative, "name": path.name,
@@ -136,16 +130,29 @@ def slide_attrs(slide: Slide, out_dir: str | os.PathLike[str]) -> dict[str, Any]
             "backend": slide.backend_name, "vendor": slide.vendor, "fingerprint": slide_fingerprint(path)}
 
 
+def configured_mpp(path: str | os.PathLike[str], config: SlideConfig,
+                   table: dict[str, tuple[float, float]] | None = None) -> tuple[float, float] | None:
+    """The level-0 µm/px the settings give one slide: its row of ``config.mpp_csv`` (``table``,
+    when already read), else ``config.mpp``, else None (the file's own metadata decides)."""
+    if table is None and config.mpp_csv:
+        from .resolution import read_mpp_csv
+
+        table = read_mpp_csv(config.mpp_csv)
+    if table:
+        from .resolution import lookup_mpp
+
+        row = lookup_mpp(table, path)
+        if row is not None:
+            return row
+    return config.mpp
+
+
 def open_run_slide(path: str | os.PathLike[str], config: SlideConfig, *, mpp: tuple[float, float] | float | None = None,
                    require_mpp: bool = True) -> Slide:
     """Open a slide with a run's slide settings: ``backend``, ``force_mpp`` and the level-0 mpp
-    from ``mpp`` (given here), else ``config.mpp``, else the slide's row of ``config.mpp_csv``."""
+    from ``mpp`` (given here), else :func:`configured_mpp`."""
     if mpp is None:
-        mpp = config.mpp
-    if mpp is None and config.mpp_csv:
-        from .resolution import lookup_mpp, read_mpp_csv
-
-        mpp = lookup_mpp(read_mpp_csv(config.mpp_csv), path)
+        mpp = configured_mpp(path, config)
     return open_slide(path, backend=config.backend, mpp=mpp, force_mpp=config.force_mpp, require_mpp=require_mpp)
 
 
@@ -292,14 +299,17 @@ class Pipeline:
 
     def run(self, slide: str | os.PathLike[str] | Slide, out: str | os.PathLike[str], *,
             slide_id: str | None = None, mpp: tuple[float, float] | float | None = None,
-            progress: bool = False, embed: EmbedFunction | None = None) -> SlideResult:
+            progress: bool = False, embed: EmbedFunction | None = None,
+            results_dir: str | os.PathLike[str] | None | Any = _GIVEN_BY_CONFIG) -> SlideResult:
         """Process one slide into ``out/`` (created). Outputs are written under temporary names;
         the GeoJSON and overlay are renamed into place first and the store last, so a complete
         ``SLIDE_ID.zarr`` marks a finished slide and an interrupted run leaves none.
 
         ``embed(slide, grid)`` replaces the local encoder loop: an iterator of ``(index,
         features)`` pairs covering every grid row once (``wsiengine.batch`` passes one that
-        spreads tile chunks over a Dask cluster).
+        spreads tile chunks over a Dask cluster). ``results_dir``: the folder the store's
+        ``path_from_results`` is relative to (default ``out``; None records none, for outputs
+        staged here and uploaded elsewhere).
 
         Raises the stage's error (:class:`~wsiengine.errors.SlideOpenError`,
         :class:`~wsiengine.errors.MissingMppError`, ...) with nothing published.
@@ -314,8 +324,9 @@ class Pipeline:
             clock.mark("open")
             mask, grid = plan_slide(slide_obj, self.config, keep_thumbnail=True, on_stage=clock.mark)
             store_path = out_dir / f"{sid}.zarr"
-            with FeatureWriter(store_path, grid, self.encoder.embed_dim, attrs=self._store_attrs(slide_obj, sid, out_dir)
-                               ) as writer:
+            relative_to = out_dir if results_dir is _GIVEN_BY_CONFIG else results_dir
+            with FeatureWriter(store_path, grid, self.encoder.embed_dim,
+                               attrs=self._store_attrs(slide_obj, sid, relative_to)) as writer:
                 self._embed(slide_obj, grid, writer, sid, progress, embed)
                 clock.mark("embed")
                 prediction = self._predict(writer, grid)
@@ -348,8 +359,8 @@ class Pipeline:
                 slide_obj.close()
 
     # -- the stages of run() ------------------------------------------------------------------
-    def _store_attrs(self, slide: Slide, sid: str, out_dir: Path) -> dict[str, Any]:
-        return {"slide_id": sid, "slide": slide_attrs(slide, out_dir), "config": self.config.to_dict(),
+    def _store_attrs(self, slide: Slide, sid: str, results_dir: str | os.PathLike[str] | None) -> dict[str, Any]:
+        return {"slide_id": sid, "slide": slide_attrs(slide, results_dir), "config": self.config.to_dict(),
                 "encoder": self.encoder.describe(), "mil": self._mil_provenance(), "config_key": self.config.key()}
 
     def _embed(self, slide: Slide, grid: TileGrid, writer: FeatureWriter, sid: str, progress: bool,

@@ -36,7 +36,7 @@ from .errors import (
 )
 from .resolution import MppResolution, resolve_mpp
 
-__all__ = ["Slide", "open_slide", "MPP_TOLERANCE", "LevelRead", "resize_area"]
+__all__ = ["Slide", "open_slide", "slide_id_for", "MPP_TOLERANCE", "LevelRead", "resize_area"]
 
 logger = logging.getLogger("wsiengine")
 
@@ -382,6 +382,15 @@ def _reopen(path: str, options: dict[str, Any]) -> Slide:
         slide = open_slide(path, **options)
         _REOPEN_CACHE[key] = slide
     return slide
+
+
+def slide_id_for(path: str | os.PathLike[str]) -> str:
+    """The id a slide's outputs are named by: its file name without slide suffixes (``x.ome.tiff`` -> ``x``)."""
+    name = Path(path).name
+    for suffix in (".ome.tiff", ".ome.tif", ".ome.zarr"):
+        if name.lower().endswith(suffix):
+            return name[: -len(suffix)]
+    return Path(name).stem if Path(name).suffix else name
 
 
 def open_slide(

@@ -8,7 +8,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ..errors import ConfigError
-from ..pipeline import slide_id_for
+from ..slide import slide_id_for
 
 __all__ = ["SLIDE_EXTENSIONS", "SlideEntry", "discover_slides"]
 

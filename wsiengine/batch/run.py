@@ -20,7 +20,7 @@ import numpy as np
 
 from ..config import RunConfig, physical_cores
 from ..errors import ConfigError, WsiEngineError
-from ..pipeline import Pipeline
+from ..pipeline import Pipeline, configured_mpp
 from ..stream import bounded_as_completed
 from .discovery import SLIDE_EXTENSIONS, SlideEntry, discover_slides
 from .location import ResultsLocation
@@ -70,7 +70,7 @@ def process_slide(entry: SlideEntry, out_dir: str, config: RunConfig, mpp: tuple
         if out.is_url:
             staging = Path(tempfile.mkdtemp(prefix=f"wsiengine-{entry.slide_id}-"))
         res = pipe.run(entry.path, out=staging or out.path, slide_id=entry.slide_id, mpp=mpp, progress=progress,
-                       embed=embed)
+                       embed=embed, results_dir=None if staging is not None else out.path)
         if staging is not None:
             out.publish(staging, entry.slide_id)
         label = pipe.mil.class_names[res.label] if res.prediction is not None else (
@@ -281,7 +281,7 @@ def _run_batch(slides_dir: str | os.PathLike[str], out: ResultsLocation, base: R
                progress: bool, on_row: Callable[[SummaryRow], None] | None, started: float) -> BatchSummary:
     from tqdm.auto import tqdm
 
-    from ..resolution import lookup_mpp, read_mpp_csv
+    from ..resolution import read_mpp_csv
 
     batch = base.batch
     if not out.is_url:
@@ -291,11 +291,13 @@ def _run_batch(slides_dir: str | os.PathLike[str], out: ResultsLocation, base: R
         raise ConfigError(f"no slides found under '{slides_dir}' (looked for {', '.join(sorted(SLIDE_EXTENSIONS))} "
                           "and files that open as slides)")
     mpp_table = read_mpp_csv(base.slide.mpp_csv) if base.slide.mpp_csv else {}
-    mpps = {e.slide_id: lookup_mpp(mpp_table, e.path) if mpp_table else None for e in entries}
+    mpps = {e.slide_id: configured_mpp(e.path, base.slide, mpp_table) for e in entries}
     previous = {r.slide_id: r for r in read_summary(out)}
     failures = read_failures(out)
 
     distributed = client is not None or batch.scheduler is not None
+    if distributed and batch.workers is not None:
+        logger.info("workers=%d ignored: the slides run on %s", batch.workers, batch.scheduler or "the given client")
     n_workers = 1 if distributed else local_workers(len(entries), batch.workers,
                                                     cap_by_slides=batch.parallel == "slides")
     # Loads the pipeline here too: fails fast on a bad encoder, head or VLM endpoint, and

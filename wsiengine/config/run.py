@@ -251,6 +251,7 @@ class RunConfig:
         payload = {}
         for section in _RESULT_SECTIONS:
             payload[section] = {k: v for k, v in getattr(self, section).to_dict().items() if k not in _NOT_RESULTS}
+        payload["slide"] = {"backend": self.slide.backend, "force_mpp": self.slide.force_mpp}  # mpp: per slide
         payload["encoder"]["model"] = self.encoder.encoder_sha256 or self.encoder.encoder
         payload["encoder"]["spec"] = self.encoder.encoder_spec_sha256 or self.encoder.encoder
         payload["mil"]["model"] = self.mil.mil_sha256 or self.mil.mil

@@ -453,7 +453,7 @@ class SlideConfig(_Section):
     force_mpp : bool
         Use mpp (or the mpp CSV) even when the file has resolution metadata.
     mpp_csv : str, optional
-        CSV with columns slide,mpp giving the level-0 µm/px of slides without resolution metadata.
+        CSV with columns slide,mpp giving the level-0 µm/px of slides without resolution metadata; a slide's row beats mpp.
     """
 
     backend: str = "auto"
