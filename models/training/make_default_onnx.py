@@ -16,7 +16,6 @@ Needs the ``[train]`` extra (torch, onnx) and the wheel; the runtime needs neith
 from __future__ import annotations
 
 import argparse
-import hashlib
 import io
 import sys
 import warnings
@@ -200,6 +199,7 @@ def main(argv: list[str] | None = None) -> int:
     except ImportError as error:
         print(f"error: {error}; rebuilding the ONNX file needs the [train] extra: pip install 'wsiengine[train]'", file=sys.stderr)
         return 2
+    from ...hashing import sha256_file
     from .architectures.efficientnet_lite import build_efficientnet_lite0, default_checkpoint_path
     from ..registry import get_encoder_spec
 
@@ -225,10 +225,10 @@ def main(argv: list[str] | None = None) -> int:
     got = session.run([OUTPUT_NAME], {INPUT_NAME: x})[0]
     max_abs, min_cos = agreement(expected, got)
 
-    print(f"checkpoint   {checkpoint} (sha256 {hashlib.sha256(Path(checkpoint).read_bytes()).hexdigest()})")
+    print(f"checkpoint   {checkpoint} (sha256 {sha256_file(checkpoint)})")
     print(f"wrote        {args.output}")
     print(f"size         {len(data):,} bytes ({len(data) / 2**20:.2f} MiB)")
-    print(f"sha256       {hashlib.sha256(data).hexdigest()}")
+    print(f"sha256       {sha256_file(args.output)}")
     print(f"exporter     torch {torch.__version__}, opset {OPSET}; onnxruntime {ort.__version__}")
     print(f"agreement    {len(names)} real images ({sum(n.startswith('pcam') for n in names)} PCam test patches at "
           f"{spec.input_px} px, {sum(n.startswith('skimage') for n in names)} photos): "

@@ -21,6 +21,7 @@ Labels are 0/1 (or true/false), or two class names: ``normal``/``negative``/``be
 from __future__ import annotations
 
 import csv
+import io
 import logging
 import os
 from collections import OrderedDict
@@ -30,6 +31,7 @@ from typing import Iterable, Mapping, Sequence
 
 import numpy as np
 
+from ...atomic import atomic_write
 from ...errors import MissingFeaturesError, StoreError, TrainingDataError
 
 __all__ = ["read_labels_csv", "FeatureBags", "Split", "stratified_kfold_splits", "read_split_files",
@@ -401,13 +403,12 @@ def read_split_files(paths: Sequence[str | os.PathLike[str]], slide_ids: Sequenc
 
 def write_splits_csv(splits: Sequence[Split], path: str | os.PathLike[str]) -> None:
     """Write ``slide_id,split,fold`` rows (the long layout :func:`read_split_files` reads)."""
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp")
-    with open(tmp, "w", newline="") as fh:
-        writer = csv.writer(fh)
-        writer.writerow(["slide_id", "split", "fold"])
-        for sp in splits:
-            for part in ("train", "val", "test"):
-                for s in getattr(sp, part):
-                    writer.writerow([s, part, sp.name])
-    os.replace(tmp, path)
+    text = io.StringIO()
+    writer = csv.writer(text)
+    writer.writerow(["slide_id", "split", "fold"])
+    for sp in splits:
+        for part in ("train", "val", "test"):
+            for s in getattr(sp, part):
+                writer.writerow([s, part, sp.name])
+    with atomic_write(path) as fh:
+        fh.write(text.getvalue().encode("utf-8"))

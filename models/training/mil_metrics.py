@@ -18,6 +18,8 @@ from typing import Any, Mapping, Sequence
 
 import numpy as np
 
+from ...atomic import atomic_write
+
 __all__ = ["roc_curve", "roc_auc", "select_threshold", "THRESHOLD_RULES", "BinaryMetrics", "binary_metrics",
            "CalibrationBin", "calibration_table", "expected_calibration_error", "bootstrap_auc_ci", "plot_roc"]
 
@@ -225,7 +227,6 @@ def plot_roc(curves: Sequence[tuple[str, Any, Any]], path: Any, *, title: str = 
     maps a curve's name to its decision threshold, drawn as that curve's operating point. Needs
     matplotlib (the ``[train]`` extra). The file is written under a temporary name and renamed.
     """
-    import os
     from pathlib import Path
 
     from matplotlib.figure import Figure
@@ -251,6 +252,5 @@ def plot_roc(curves: Sequence[tuple[str, Any, Any]], path: Any, *, title: str = 
     ax.grid(True, linewidth=0.4, color="0.85")
     ax.legend(loc="lower right", fontsize=7, frameon=False)
     fig.tight_layout()
-    tmp = path.with_name(f".{path.name}.tmp.png")
-    fig.savefig(tmp, format="png")
-    os.replace(tmp, path)
+    with atomic_write(path) as fh:
+        fig.savefig(fh, format="png")

@@ -54,6 +54,7 @@ import torch
 from torch import nn
 
 from ...aggregate import CONFIG_NAME, REFERENCE_NAME, MILHead, default_head_path
+from ...atomic import atomic_write
 from ...config import MILTrainConfig, TilingConfig
 from ...encode import Encoder
 from ...errors import WsiEngineError
@@ -407,9 +408,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                    top_attention_rate=hits / max(positives, 1), onnx_kb=(out / "model.onnx").stat().st_size / 1024)
     cfg = json.loads((out / "config.json").read_text())
     cfg["metrics"] = figures
-    tmp = out / ".config.json.tmp"
-    tmp.write_text(json.dumps(cfg, indent=2, default=float))
-    os.replace(tmp, out / "config.json")
+    with atomic_write(out / "config.json") as fh:
+        fh.write(json.dumps(cfg, indent=2, default=float).encode())
     if not args.no_card:
         CARD.write_text(_card(figures, ref_figures))
     print(json.dumps({k: figures[k] for k in ("mosaic_test", "pcam_test_patches", "top_attention_rate")}, indent=1,
