@@ -254,10 +254,6 @@ class Pipeline:
         """The resolved tiling (``config.tiling``)."""
         return self.config.tiling
 
-    def config_key(self) -> str:
-        """The resume key (:meth:`RunConfig.key`): a store written with another key is stale."""
-        return self.config.key()
-
     def report_key(self) -> str | None:
         """A hash of the report settings (None without reports); a report with another key is stale."""
         if not self.report:
@@ -421,7 +417,7 @@ def plan_slide(slide: Slide, config: RunConfig, *, keep_thumbnail: bool = False,
     mask = detect_tissue(slide, config=config.tissue, keep_thumbnail=keep_thumbnail)
     if on_stage is not None:
         on_stage("tissue")
-    grid = plan_tiles(slide, mask, config=config.stage_tiling())
+    grid = plan_tiles(slide, mask, config=config.tiling)
     if on_stage is not None:
         on_stage("tiling")
     return mask, grid

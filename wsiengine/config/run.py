@@ -258,11 +258,6 @@ class RunConfig:
         text = json.dumps(payload, sort_keys=True, default=str)
         return hashlib.sha256(text.encode()).hexdigest()[:32]
 
-    # -- convenience -------------------------------------------------------------------------
-    def stage_tiling(self) -> TilingConfig:
-        """The tiling a stage receives: resolved, or the defaults where still unset."""
-        return self.tiling.with_defaults()
-
 
 def _names_a_file(dotted: str, value: Any) -> bool:
     """Whether a path setting's value names a file rather than a model: the encoder is a file

@@ -10,7 +10,9 @@ setting without its section.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import os
+import typing
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
@@ -55,9 +57,12 @@ def _fraction(name: str, value: float) -> None:
         raise ConfigError(f"{name} is a fraction in [0, 1], got {value!r}")
 
 
-def _choice(name: str, value: Any, choices: tuple[str, ...]) -> None:
-    if value not in choices:
-        raise ConfigError(f"{name} must be one of {', '.join(map(repr, choices))}, got {value!r}")
+@functools.lru_cache(maxsize=None)
+def _choices(cls: type) -> dict[str, tuple[Any, ...]]:
+    """``{field: allowed values}`` of the ``Literal``-typed fields of a section."""
+    hints = typing.get_type_hints(cls)
+    return {f.name: typing.get_args(hints[f.name]) for f in dataclasses.fields(cls)
+            if typing.get_origin(hints[f.name]) is typing.Literal}
 
 
 class _Section:
@@ -71,6 +76,13 @@ class _Section:
         base = config if config is not None else cls()
         changes = {k: v for k, v in explicit.items() if v is not None}
         return base.replace(**changes) if changes else base
+
+    def _check_choices(self) -> None:
+        """Every ``Literal``-typed field holds one of its values."""
+        for name, allowed in _choices(type(self)).items():
+            value = getattr(self, name)
+            if value not in allowed:
+                raise ConfigError(f"{name} must be one of {', '.join(map(repr, allowed))}, got {value!r}")
 
     def replace(self, **changes: Any) -> Any:
         """A copy with ``changes`` applied (validated again)."""
@@ -129,7 +141,7 @@ class TissueConfig(_Section):
             _positive(name, getattr(self, name))
         _non_negative(self, "min_object_um2", "max_hole_um2", "closing_um", "opening_um", "pen_margin_um",
                       "min_pen_object_um2")
-        _choice("on_no_tissue", self.on_no_tissue, ("warn", "raise"))
+        self._check_choices()
 
 
 @dataclass(frozen=True)
@@ -174,7 +186,7 @@ class TilingConfig(_Section):
             raise ConfigError(f"overlap_px must be an integer in [0, tile_px={self.tile_px or DEFAULT_TILE_PX}), "
                               f"got {self.overlap_px!r}")
         _fraction("min_tissue", self.min_tissue)
-        _choice("on_no_tiles", self.on_no_tiles, ("warn", "raise"))
+        self._check_choices()
 
     @property
     def resolved(self) -> bool:
@@ -417,18 +429,17 @@ class VLMConfig(_Section):
     vlm_model: str | None = None
     vlm_api_key_env: str = "WSIENGINE_VLM_API_KEY"
     allow_remote: bool = False
-    vlm_images: str = "auto"
+    vlm_images: Literal["auto", "always", "never"] = "auto"
     vlm_timeout_s: float = 60.0
     vlm_retries: int = 2
     vlm_max_tokens: int = 400
-    vlm_response_format: str = "none"
+    vlm_response_format: Literal["none", "json_object", "json_schema"] = "none"
 
     def __post_init__(self) -> None:
         _positive("vlm_timeout_s", self.vlm_timeout_s)
         _positive("vlm_max_tokens", self.vlm_max_tokens)
         _non_negative(self, "vlm_retries")
-        _choice("vlm_images", self.vlm_images, ("auto", "always", "never"))
-        _choice("vlm_response_format", self.vlm_response_format, ("none", "json_object", "json_schema"))
+        self._check_choices()
         if self.vlm_url is not None and not self.vlm_url.startswith(("http://", "https://")):
             raise ConfigError(f"vlm_url must be an http(s) URL such as http://127.0.0.1:8080/v1, got {self.vlm_url!r}")
         if not self.vlm_api_key_env or not self.vlm_api_key_env.replace("_", "").isalnum():
@@ -456,13 +467,13 @@ class SlideConfig(_Section):
         CSV with columns slide,mpp giving the level-0 µm/px of slides without resolution metadata; a slide's row beats mpp.
     """
 
-    backend: str = "auto"
+    backend: Literal["auto", "tifffile", "openslide", "tiffslide"] = "auto"
     mpp: tuple[float, float] | None = None
     force_mpp: bool = False
     mpp_csv: str | None = None
 
     def __post_init__(self) -> None:
-        _choice("backend", self.backend, ("auto", "tifffile", "openslide", "tiffslide"))
+        self._check_choices()
         if self.mpp is not None:
             values = (self.mpp, self.mpp) if isinstance(self.mpp, (int, float)) else tuple(self.mpp)
             if len(values) == 1:
@@ -494,7 +505,7 @@ class BatchConfig(_Section):
 
     workers: int | None = None
     scheduler: str | None = None
-    parallel: str = "auto"
+    parallel: Literal["auto", "slides", "chunks"] = "auto"
     chunk_tiles: int = 1024
     retry_failed: bool = False
 
@@ -502,7 +513,7 @@ class BatchConfig(_Section):
         if self.workers is not None:
             _positive("workers", self.workers)
         _positive("chunk_tiles", self.chunk_tiles)
-        _choice("parallel", self.parallel, ("auto", "slides", "chunks"))
+        self._check_choices()
 
 
 @dataclass(frozen=True)
@@ -578,8 +589,8 @@ class MILTrainConfig(_Section):
     bag_weight: float = 0.7
     max_tiles: int = 8192
     balanced: bool = True
-    threshold_rule: str = "youden"
-    device: str = "cpu"
+    threshold_rule: Literal["youden", "balanced_accuracy", "f1", "fixed"] = "youden"
+    device: Literal["cpu", "cuda", "auto"] = "cpu"
     threads: int = 0
     cache_gb: float = 4.0
 
@@ -597,8 +608,7 @@ class MILTrainConfig(_Section):
         if not 0 <= self.dropout < 1:
             raise ConfigError(f"dropout must be in [0, 1), got {self.dropout}")
         _fraction("bag_weight", self.bag_weight)
-        _choice("threshold_rule", self.threshold_rule, ("youden", "balanced_accuracy", "f1", "fixed"))
-        _choice("device", self.device, ("cpu", "cuda", "auto"))
+        self._check_choices()
 
     @classmethod
     def from_env(cls, file: str | os.PathLike[str] | None = None, **explicit: Any) -> "MILTrainConfig":

@@ -48,7 +48,6 @@ class FieldInfo:
     annotation: Any
     default: Any
     help: str
-    kind: str  # the type as the docstring writes it, e.g. '{"warn", "raise"}'
     resolved: bool  # filled by the resolver, not set by users
     flat_env: bool = True  # WSIENGINE_<NAME> as well as WSIENGINE_<SECTION>__<NAME>
 
@@ -76,13 +75,9 @@ class FieldInfo:
 
     @property
     def choices(self) -> tuple[str, ...] | None:
+        """The allowed values of a ``Literal``-typed setting."""
         base = self.base
-        if typing.get_origin(base) is typing.Literal:
-            return tuple(typing.get_args(base))
-        match = re.match(r"\{(.+)\}", self.kind)
-        if match:
-            return tuple(c.strip().strip('"').strip("'") for c in match.group(1).split(","))
-        return None
+        return tuple(typing.get_args(base)) if typing.get_origin(base) is typing.Literal else None
 
 
 def field_help(cls: type) -> dict[str, tuple[str, str]]:
@@ -119,12 +114,12 @@ def _fields_of(sections: tuple[tuple[str, type], ...], flat_env: bool) -> dict[s
         hints = get_type_hints(cls)
         docs = field_help(cls)
         for f in dataclasses.fields(cls):
-            kind, text = docs.get(f.name, ("", ""))
+            _, text = docs.get(f.name, ("", ""))
             if f.name in out:
                 raise ConfigError(f"setting name {f.name!r} is in both {out[f.name].section!r} and {section!r}")
             default = f.default if f.default is not dataclasses.MISSING else f.default_factory()  # type: ignore[misc]
-            out[f.name] = FieldInfo(section, f.name, hints[f.name], default, text, kind,
-                                    bool(f.metadata.get("resolved")), flat_env)
+            out[f.name] = FieldInfo(section, f.name, hints[f.name], default, text, bool(f.metadata.get("resolved")),
+                                    flat_env)
     return out
 
 
