@@ -199,7 +199,7 @@ def _readme_command_lines() -> list[str]:
         for line in block.splitlines():
             line = line.strip().removeprefix("$ ")
             for part in re.split(r"\s*(?:&&|\|\||;)\s*", line):
-                part = part.split(" #")[0].strip()
+                part = re.split(r" #| \d?>", part)[0].strip()  # comments and shell redirections
                 if part.startswith("wsiengine "):
                     lines.append(part)
     return lines
