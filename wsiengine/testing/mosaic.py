@@ -51,6 +51,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from ..errors import InputError
 from .synthetic import _stained
 
 if TYPE_CHECKING:
@@ -175,7 +176,7 @@ class _Sampler:
             if self.pos >= len(self.order):
                 available = len(self.paths) - len(self.rejected)
                 if available < k:
-                    raise ValueError(
+                    raise InputError(
                         f"a slide needs {k} distinct patches but the pool has {available} usable of {len(self.paths)}"
                         + (f" (stained fraction >= {self.min_stained})" if self.rejected else "")
                     )
@@ -482,7 +483,7 @@ def _read_patch(path: Path) -> np.ndarray:
         image = np.repeat(image[..., None], 3, axis=2)
     image = image[..., :3]
     if image.shape[:2] != (PATCH_PX, PATCH_PX):
-        raise ValueError(f"PCam patch {path} is {image.shape[1]}x{image.shape[0]} px, expected {PATCH_PX}x{PATCH_PX}")
+        raise InputError(f"PCam patch {path} is {image.shape[1]}x{image.shape[0]} px, expected {PATCH_PX}x{PATCH_PX}")
     return image
 
 
@@ -568,7 +569,7 @@ def _plan(pool: PatchPool, label: int, seed: int, samplers: tuple[_Sampler, _Sam
     n_tumour = int(layout.tumour.sum())
     n_normal = len(layout.tumour) - n_tumour
     if n_tumour and not pool.tumour:
-        raise ValueError("a positive slide needs tumour patches but the pool has none")
+        raise InputError("a positive slide needs tumour patches but the pool has none")
     if samplers is None:
         patch_rng = np.random.default_rng(patch_ss)
         samplers = (_Sampler(pool.normal, patch_rng, min_stained), _Sampler(pool.tumour, patch_rng, min_stained))
@@ -625,20 +626,20 @@ def _split_options(options: dict[str, Any]) -> tuple[dict[str, Any], dict[str, A
     for name in ("n_tissue_cells", "lesion_cells", "regions", "n_lesions"):
         lo, hi = (int(v) for v in options[name])
         if not 1 <= lo <= hi:
-            raise ValueError(f"{name} must be a (low, high) pair with 1 <= low <= high, got {tuple(options[name])!r}")
+            raise InputError(f"{name} must be a (low, high) pair with 1 <= low <= high, got {tuple(options[name])!r}")
     if not 0.0 <= float(options["min_stained"]) <= 1.0:
-        raise ValueError(f"min_stained must be in [0, 1], got {options['min_stained']!r}")
+        raise InputError(f"min_stained must be in [0, 1], got {options['min_stained']!r}")
     if int(options["margin_cells"]) < 2:
-        raise ValueError(f"margin_cells must be >= 2 so tissue detection separates blobs from glass, got {options['margin_cells']}")
+        raise InputError(f"margin_cells must be >= 2 so tissue detection separates blobs from glass, got {options['margin_cells']}")
     d = [int(x) for x in options["levels"]]
     if not d or d[0] != 1 or d != sorted(set(d)) or any(PATCH_PX % x for x in d):
-        raise ValueError(f"levels must be increasing downsamples starting with 1 that divide {PATCH_PX}, got {tuple(options['levels'])}")
+        raise InputError(f"levels must be increasing downsamples starting with 1 that divide {PATCH_PX}, got {tuple(options['levels'])}")
     if int(options["tile"]) <= 0 or int(options["tile"]) % 16:
-        raise ValueError(f"tile must be a positive multiple of 16, got {options['tile']}")
+        raise InputError(f"tile must be a positive multiple of 16, got {options['tile']}")
     if not 1 <= int(options["jpeg_quality"]) <= 100:
-        raise ValueError(f"jpeg_quality must be in 1..100, got {options['jpeg_quality']}")
+        raise InputError(f"jpeg_quality must be in 1..100, got {options['jpeg_quality']}")
     if not float(options["mpp"]) > 0:
-        raise ValueError(f"mpp must be positive µm/px, got {options['mpp']}")
+        raise InputError(f"mpp must be positive µm/px, got {options['mpp']}")
     layout = {k: (tuple(int(v) for v in options[k]) if k not in ("margin_cells", "roughness") else options[k]) for k in _LAYOUT_KEYS}
     layout["margin_cells"], layout["roughness"] = int(layout["margin_cells"]), float(layout["roughness"])
     render = dict(mpp=float(options["mpp"]), levels=tuple(d), tile=int(options["tile"]), jpeg_quality=int(options["jpeg_quality"]))
@@ -710,7 +711,7 @@ def make_mosaic_slide(
         Cells, labels, sources and outlines in level-0 pixels.
     """
     if label not in (0, 1):
-        raise ValueError(f"label must be 0 or 1, got {label!r}")
+        raise InputError(f"label must be 0 or 1, got {label!r}")
     layout, render, min_stained = _split_options(dict(
         n_tissue_cells=n_tissue_cells, lesion_cells=lesion_cells, regions=regions, n_lesions=n_lesions,
         margin_cells=margin_cells, roughness=roughness, min_stained=min_stained,
@@ -787,9 +788,9 @@ def make_mosaic_dataset(
         In file order.
     """
     if n_slides < 0:
-        raise ValueError(f"n_slides must be >= 0, got {n_slides}")
+        raise InputError(f"n_slides must be >= 0, got {n_slides}")
     if not 0.0 <= positive_fraction <= 1.0:
-        raise ValueError(f"positive_fraction must be in [0, 1], got {positive_fraction}")
+        raise InputError(f"positive_fraction must be in [0, 1], got {positive_fraction}")
     if "label" in slide_options or "seed" in slide_options:
         raise TypeError("label and seed are chosen per slide; pass positive_fraction and the dataset seed instead")
     out = Path(os.fspath(out_dir))

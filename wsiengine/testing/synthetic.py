@@ -45,6 +45,8 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
+from ..errors import InputError
+
 if TYPE_CHECKING:
     from shapely.geometry import MultiPolygon, Polygon
 
@@ -359,7 +361,7 @@ class _TextureBank:
 
         source = np.asarray(source)
         if source.ndim != 3 or source.shape[2] < 3 or source.dtype != np.uint8:
-            raise ValueError(f"source must be an (H, W, 3) uint8 RGB array, got {source.shape} {source.dtype}")
+            raise InputError(f"source must be an (H, W, 3) uint8 RGB array, got {source.shape} {source.dtype}")
         source = np.ascontiguousarray(source[..., :3])
         h, w = source.shape[:2]
         if h < cell or w < cell:  # small sources: mirror up to one cell
@@ -617,17 +619,17 @@ def make_pyramidal_slide(
 
     width, height, tile = int(width), int(height), int(tile)
     if width <= 0 or height <= 0:
-        raise ValueError(f"width and height must be positive, got {width}x{height}")
+        raise InputError(f"width and height must be positive, got {width}x{height}")
     if tile <= 0 or tile % 16:
-        raise ValueError(f"tile must be a positive multiple of 16, got {tile}")
+        raise InputError(f"tile must be a positive multiple of 16, got {tile}")
     if not mpp > 0:
-        raise ValueError(f"mpp must be positive µm/px, got {mpp}")
+        raise InputError(f"mpp must be positive µm/px, got {mpp}")
     downsamples = [int(d) for d in levels]
     if not downsamples or downsamples[0] != 1 or any(d <= 0 for d in downsamples) or downsamples != sorted(set(downsamples)):
-        raise ValueError(f"levels must be increasing positive integer downsamples starting with 1, got {tuple(levels)}")
+        raise InputError(f"levels must be increasing positive integer downsamples starting with 1, got {tuple(levels)}")
     downsamples = [d for d in downsamples if width // d >= 1 and height // d >= 1]
     if compression not in _COMPRESSION_ALIASES:
-        raise ValueError(f"compression must be one of {sorted(k for k in _COMPRESSION_ALIASES if k)} or None, got {compression!r}")
+        raise InputError(f"compression must be one of {sorted(k for k in _COMPRESSION_ALIASES if k)} or None, got {compression!r}")
     compression = _COMPRESSION_ALIASES[compression]
     workers = max(1, workers or os.cpu_count() or 1)
 
@@ -718,7 +720,7 @@ def truncated_copy(src: str | os.PathLike[str], dst: str | os.PathLike[str], fra
     """Copy the first ``fraction`` (0 < fraction < 1) of ``src``'s bytes to ``dst``: a damaged slide
     for error-handling tests. Returns ``dst`` as a Path."""
     if not 0 < fraction < 1:
-        raise ValueError(f"fraction must be in (0, 1), got {fraction}")
+        raise InputError(f"fraction must be in (0, 1), got {fraction}")
     src_path, dst_path = Path(os.fspath(src)), Path(os.fspath(dst))
     keep = int(src_path.stat().st_size * fraction)
     dst_path.parent.mkdir(parents=True, exist_ok=True)
