@@ -6,11 +6,12 @@ report JSON can be re-rendered anywhere.
 
 from __future__ import annotations
 
+import re
 from typing import Any
 
 from .guard import DISCLAIMER
 
-__all__ = ["template_narrative", "headline", "render_markdown"]
+__all__ = ["template_narrative", "headline", "render_markdown", "escape_markdown"]
 
 _CALL_TEXT = {"yes": "YES", "no": "NO", "indeterminate": "INDETERMINATE"}
 #: How the template narrative names each QC flag.
@@ -21,6 +22,25 @@ FLAG_PHRASES = {
     "no_prediction": "no slide prediction", "discordant_tiles": "discordant tile scores",
     "scattered_tiles": "scattered single-tile foci",
 }
+
+
+# Characters that start Markdown or HTML constructs inline; backslash-escaped (CommonMark and GFM).
+_INLINE_SPECIALS = re.compile(r"([\\`*_\[\]<>!|~&])")
+# Autolink triggers (GFM): a scheme's "://", "www." and e-mail "@"; escaping splits them.
+_AUTOLINK = re.compile(r"(?<=[A-Za-z0-9])(:)(?=//)|(?<=\bwww)(\.)|(@)", re.I)
+# A line that a block construct would take over: heading, list, quote, rule, setext.
+_BLOCK_START = re.compile(r"^(\s*)([-+=>#]|\d+[.)])")
+
+
+def escape_markdown(text: str) -> str:
+    """``text`` as one paragraph of literal Markdown text: every character that could start an
+    image, a link, an autolink, HTML, an entity, emphasis, code or a block construct is
+    backslash-escaped and line breaks become spaces, so what renders is exactly the words."""
+    text = " ".join(str(text).split())
+    text = _INLINE_SPECIALS.sub(r"\\\1", text)
+    text = _AUTOLINK.sub(lambda m: "\\" + m.group(0), text)
+    return _BLOCK_START.sub(lambda m: m.group(1) + "\\" + m.group(2) if not m.group(2)[0].isdigit()
+                            else m.group(1) + m.group(2)[:-1] + "\\" + m.group(2)[-1], text)
 
 
 def _fmt(v: float | None, digits: int = 2) -> str:
@@ -97,14 +117,16 @@ def render_markdown(report: dict[str, Any]) -> str:
     """The report document as Markdown: headline, narrative, findings table, QC flags,
     evidence tiles, thumbnail and heatmap, second opinion, provenance and the disclaimer.
 
-    Image links are relative to the folder holding the ``.report.md`` file.
+    Image links are relative to the folder holding the ``.report.md`` file. The narrative (a
+    model's words when accepted) is rendered as escaped text (:func:`escape_markdown`): no image,
+    link or HTML in it can render.
     """
     f = report["findings"]
     m, cat, dep, qc = f["metastasis"], f["category"], f["deposits"], f["qc"]
     slide = report.get("slide") or {}
     narrative = report["narrative"]
     lines = [f"# Slide report: {slide.get('slide_id', '')}", "", f"> **{headline(f)}**", ">",
-             f"> {DISCLAIMER}", "", narrative["text"], ""]
+             f"> {DISCLAIMER}", "", escape_markdown(narrative["text"]), ""]
     if narrative["source"] == "vlm":
         lines += [f"*Narrative phrased by {narrative['vlm']['model']} from the findings below and checked against "
                   "them; the findings are authoritative.*", ""]

@@ -13,7 +13,7 @@ from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from ..errors import VLMError
-from .guard import check_narrative, identifier_strings, parse_reply, violation_kind
+from .guard import MAX_REPLY_CHARS, check_narrative, identifier_strings, parse_reply, violation_kind
 
 __all__ = ["Narration", "FLAGS", "FLAG_OF_KIND", "judge_reply", "model_name"]
 
@@ -21,7 +21,7 @@ logger = logging.getLogger("wsiengine")
 
 #: Flag codes a :class:`Narration` can carry.
 FLAGS = ("vlm_timeout", "vlm_http_error", "vlm_connection_error", "vlm_malformed", "vlm_contradiction",
-         "vlm_treatment_advice", "vlm_identifier", "vlm_text_only")
+         "vlm_treatment_advice", "vlm_identifier", "vlm_markup", "vlm_text_only")
 
 #: The flag of each :class:`~wsiengine.report.transport.VLMRequestError` ``kind``.
 FLAG_OF_KIND = {"timeout": "vlm_timeout", "http": "vlm_http_error", "connection": "vlm_connection_error",
@@ -48,7 +48,8 @@ class Narration:
     attempts : int
         HTTP requests made (retries and a text-only resend included).
     raw : str or None
-        The reply content as received, kept for audit.
+        The reply content as received (its first :data:`~wsiengine.report.guard.MAX_REPLY_CHARS`
+        characters), kept for audit.
     elapsed_s : float
         Seconds spent, all attempts included.
     error : str or None
@@ -76,26 +77,31 @@ def judge_reply(narration: Narration, content: str, findings: dict[str, Any],
     """Parse and check the reply ``content`` against ``findings``; fill ``narration`` in place.
 
     A reply that is not the expected JSON object flags ``vlm_malformed``; guard violations flag
-    ``vlm_treatment_advice``, ``vlm_identifier`` or ``vlm_contradiction`` and are listed in
-    ``narration.violations``; otherwise the narrative is accepted. ``forbidden_strings`` (slide id,
+    ``vlm_treatment_advice``, ``vlm_identifier``, ``vlm_markup`` (images, links, URLs, HTML) or
+    ``vlm_contradiction`` and are listed in ``narration.violations``; otherwise the narrative is
+    accepted. Never raises: a reply that cannot be judged is ``vlm_malformed``. ``forbidden_strings`` (slide id,
     file name...) must not appear in the reply.
     """
-    narration.raw = content
+    narration.raw = content[:MAX_REPLY_CHARS] if isinstance(content, str) else None
     try:
         reply = parse_reply(content)
-    except VLMError as exc:
+        violations = check_narrative(reply, findings,
+                                     forbidden_strings=identifier_strings(findings, forbidden_strings))
+    except (VLMError, RecursionError, TypeError, ValueError, AttributeError) as exc:
         narration.flags.append("vlm_malformed")
-        narration.error = str(exc)
-        logger.warning("VLM narrative not used: %s", exc)
+        narration.error = str(exc) if isinstance(exc, VLMError) else \
+            f"the reply could not be judged: {type(exc).__name__}: {str(exc)[:200]}"
+        logger.warning("VLM narrative not used: %s", narration.error)
         return
-    violations = check_narrative(reply, findings, forbidden_strings=identifier_strings(findings, forbidden_strings))
     narration.violations = violations
     kinds = {violation_kind(v) for v in violations}
     if "treatment advice" in kinds:
         narration.flags.append("vlm_treatment_advice")
     if "identifier" in kinds:
         narration.flags.append("vlm_identifier")
-    if kinds - {"treatment advice", "identifier"}:
+    if "markup" in kinds:
+        narration.flags.append("vlm_markup")
+    if kinds - {"treatment advice", "identifier", "markup"}:
         narration.flags.append("vlm_contradiction")
     if violations:
         logger.warning("VLM narrative rejected: %s", "; ".join(violations))

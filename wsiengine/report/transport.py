@@ -1,5 +1,6 @@
 """HTTP transport to one OpenAI-compatible ``/v1/chat/completions`` endpoint: loopback checks,
-POST with a timeout and bounded retries (timeouts, connection errors, HTTP 429 and 5xx), no
+POST with a total deadline per request (connecting, sending and reading the whole reply, which is
+read in chunks up to a few MB) and bounded retries (timeouts, connection errors, HTTP 429 and 5xx), no
 redirects, no environment proxies for loopback endpoints, the API key read from the environment
 at each request, and the reply's ``choices[0].message.content``.
 
@@ -9,6 +10,8 @@ Standard library only. Failures raise :class:`VLMRequestError` (a
 
 from __future__ import annotations
 
+import http.client
+import io
 import ipaddress
 import json
 import logging
@@ -35,13 +38,16 @@ _IMAGE_REJECT_WORDS = re.compile(
     # servers whose chat template or schema takes only string content (llama-cpp-python, pydantic)
     r"|concatenate str|\(not \"list\"\)|valid string|string_type", re.I)
 _MAX_ERROR_BODY = 64 * 1024
-_MAX_REPLY_BODY = 8 * 1024 * 1024
+#: The most reply bytes read: a chat completion of a few hundred tokens is a few kB.
+_MAX_REPLY_BODY = 4 * 1024 * 1024
+_READ_CHUNK = 64 * 1024
 
 
 def is_loopback(url: str) -> bool:
-    """True when ``url`` is an http(s) URL whose host is this machine: an address in
-    127.0.0.0/8, ``::1`` (or IPv4-mapped loopback) or the name ``localhost``. Nothing is
-    resolved through DNS, so any other name counts as remote."""
+    """True when ``url`` is an http(s) URL whose host is this machine: a literal address in
+    127.0.0.0/8, ``::1`` (or IPv4-mapped loopback) or exactly the name ``localhost``. Nothing is
+    resolved through DNS, so any other name counts as remote, ``localhost.`` (a fully qualified
+    name, looked up through DNS) included."""
     try:
         parts = urllib.parse.urlsplit(url)
         host = parts.hostname
@@ -49,7 +55,7 @@ def is_loopback(url: str) -> bool:
         return False
     if parts.scheme not in ("http", "https") or not host:
         return False
-    host = host.rstrip(".").lower()
+    host = host.lower()
     if host == "localhost":
         return True
     try:
@@ -96,6 +102,86 @@ class _NoRedirect(urllib.request.HTTPRedirectHandler):
         return None
 
 
+class _DeadlineReader(io.RawIOBase):
+    """Reads a socket with a timeout that shrinks to what is left of one request's total deadline,
+    so a server that trickles bytes cannot stretch a request past it."""
+
+    def __init__(self, sock: socket.socket, deadline: float) -> None:
+        super().__init__()
+        # the socket's own reader holds a reference, so urllib closing the connection's socket
+        # after reading the headers leaves it open until this reader closes
+        self._raw = sock.makefile("rb", buffering=0)
+        self._sock, self._deadline = sock, deadline
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, buffer: Any) -> int:
+        self._sock.settimeout(_remaining(self._deadline))
+        return self._raw.readinto(buffer)
+
+    def close(self) -> None:
+        if not self.closed:
+            self._raw.close()
+        super().close()
+
+
+class _DeadlineSocket:
+    """What :class:`http.client.HTTPResponse` is given instead of the socket: its ``makefile``
+    reads through :class:`_DeadlineReader`."""
+
+    def __init__(self, sock: socket.socket, deadline: float) -> None:
+        self._sock, self._deadline = sock, deadline
+
+    def makefile(self, mode: str = "rb", *args: Any, **kwargs: Any) -> io.BufferedReader:
+        return io.BufferedReader(_DeadlineReader(self._sock, self._deadline))
+
+
+def _deadline_connection(base: type[http.client.HTTPConnection], deadline: float) -> Any:
+    """A connection factory for ``urllib``'s ``do_open``: connecting, sending and every read of
+    the response (status line, headers, body) end at the monotonic ``deadline``."""
+
+    class Connection(base):  # type: ignore[misc, valid-type]
+        def connect(self) -> None:
+            self.timeout = _remaining(deadline)
+            super().connect()
+            self.sock.settimeout(_remaining(deadline))  # sendall: the timeout bounds the whole send
+
+        def send(self, data: Any) -> None:
+            if self.sock is not None:
+                self.sock.settimeout(_remaining(deadline))
+            super().send(data)
+
+        def getresponse(self) -> http.client.HTTPResponse:
+            sock = self.sock
+            self.response_class = lambda _sock, *a, **kw: http.client.HTTPResponse(  # type: ignore[assignment]
+                _DeadlineSocket(sock, deadline), *a, **kw)
+            return super().getresponse()
+
+    def factory(host: str, **kwargs: Any) -> http.client.HTTPConnection:
+        return Connection(host, **kwargs)
+
+    return factory
+
+
+def _remaining(deadline: float) -> float:
+    remaining = deadline - time.monotonic()
+    if remaining <= 0:
+        raise TimeoutError("the request's total deadline passed")
+    return remaining
+
+
+class _DeadlineHTTPHandler(urllib.request.HTTPHandler):
+    def http_open(self, req: urllib.request.Request) -> Any:
+        return self.do_open(_deadline_connection(http.client.HTTPConnection, req.wsi_deadline), req)  # type: ignore[attr-defined]
+
+
+class _DeadlineHTTPSHandler(urllib.request.HTTPSHandler):
+    def https_open(self, req: urllib.request.Request) -> Any:
+        return self.do_open(_deadline_connection(http.client.HTTPSConnection, req.wsi_deadline), req,  # type: ignore[attr-defined]
+                            context=self._context)
+
+
 # --------------------------------------------------------------------------------------------
 
 
@@ -107,7 +193,8 @@ class ChatTransport:
     endpoint : str
         The full ``.../chat/completions`` URL (no ``user:password@``).
     timeout_s : float
-        Timeout of each request, seconds.
+        Total time allowed to each request (attempt), seconds: connecting, sending and reading
+        the whole reply, however slowly the server trickles it.
     retries : int
         Retries after a timeout, a connection error, HTTP 429 or 5xx (other 4xx are not retried).
     backoff_s : float
@@ -127,7 +214,7 @@ class ChatTransport:
         self.retries = int(retries)
         self.backoff_s = float(backoff_s)
         self.api_key_env = api_key_env
-        handlers: list[Any] = [_NoRedirect()]
+        handlers: list[Any] = [_NoRedirect(), _DeadlineHTTPHandler(), _DeadlineHTTPSHandler()]
         if loopback:
             handlers.append(urllib.request.ProxyHandler({}))
         self._opener = urllib.request.build_opener(*handlers)
@@ -140,16 +227,19 @@ class ChatTransport:
         return headers
 
     def _post_once(self, payload: bytes) -> dict[str, Any]:
-        """One POST; returns the decoded JSON body or raises VLMRequestError (attempts=1)."""
+        """One POST, all of it within ``timeout_s``; returns the decoded JSON body or raises
+        VLMRequestError (attempts=1)."""
         request = urllib.request.Request(self.endpoint, data=payload, headers=self._headers(), method="POST")
         timeout = self.timeout_s
+        request.wsi_deadline = time.monotonic() + timeout  # type: ignore[attr-defined]
+        too_slow = f"no complete answer from {self.endpoint} within {timeout:g} s"
         try:
             with self._opener.open(request, timeout=timeout) as response:
-                body = response.read(_MAX_REPLY_BODY + 1)
+                body = _read_bounded(response, _MAX_REPLY_BODY + 1)
         except urllib.error.HTTPError as exc:
             try:
-                text = exc.read(_MAX_ERROR_BODY).decode("utf-8", "replace")
-            except (OSError, HTTPException):
+                text = _read_bounded(exc, _MAX_ERROR_BODY).decode("utf-8", "replace")
+            except (OSError, HTTPException, ValueError):
                 text = ""
             finally:
                 exc.close()
@@ -159,19 +249,18 @@ class ChatTransport:
             raise error from None
         except urllib.error.URLError as exc:
             if isinstance(exc.reason, (TimeoutError, socket.timeout)):
-                raise VLMRequestError(f"no answer from {self.endpoint} within {timeout:g} s (connect)",
-                                      kind="timeout") from None
+                raise VLMRequestError(too_slow, kind="timeout") from None
             raise VLMRequestError(f"cannot connect to {self.endpoint}: {exc.reason}", kind="connection") from None
         except (TimeoutError, socket.timeout):
-            raise VLMRequestError(f"no answer from {self.endpoint} within {timeout:g} s", kind="timeout") from None
-        except (OSError, HTTPException) as exc:
+            raise VLMRequestError(too_slow, kind="timeout") from None
+        except (OSError, HTTPException, ValueError) as exc:
             raise VLMRequestError(f"connection to {self.endpoint} failed: {exc!r}", kind="connection") from None
         if len(body) > _MAX_REPLY_BODY:
             raise VLMRequestError(f"the reply from {self.endpoint} exceeds {_MAX_REPLY_BODY} bytes", kind="malformed")
         try:
             decoded = json.loads(body.decode("utf-8"))
-        except (UnicodeDecodeError, ValueError):
-            raise VLMRequestError(f"the reply from {self.endpoint} is not JSON: {body[:120]!r}",
+        except (UnicodeDecodeError, ValueError, RecursionError):  # RecursionError: absurdly deep nesting
+            raise VLMRequestError(f"the reply from {self.endpoint} is not usable JSON: {body[:120]!r}",
                                   kind="malformed", body=body[:_MAX_ERROR_BODY].decode("utf-8", "replace")) from None
         if not isinstance(decoded, dict):
             raise VLMRequestError(f"the reply from {self.endpoint} is not a JSON object", kind="malformed")
@@ -205,15 +294,31 @@ class ChatTransport:
             message = body["choices"][0]["message"]
             content = message["content"]
         except (KeyError, IndexError, TypeError):
-            raise VLMRequestError(f"the reply from {self.endpoint} has no choices[0].message.content: "
-                                  f"{json.dumps(body)[:200]}", kind="malformed", attempts=attempts) from None
-        if isinstance(content, list):  # content parts
-            content = "".join(p.get("text", "") for p in content if isinstance(p, dict))
+            raise VLMRequestError(f"the reply from {self.endpoint} has no choices[0].message.content "
+                                  f"(keys {sorted(map(str, body))[:10]})", kind="malformed", attempts=attempts) from None
+        if isinstance(content, list):  # content parts: the text of those whose text is a string
+            texts = [p.get("text") for p in content if isinstance(p, dict)]
+            texts = [t for t in texts if isinstance(t, str)]
+            content = "".join(texts) if texts else None
         if not isinstance(content, str):
             raise VLMRequestError(f"the reply from {self.endpoint} has no text content", kind="malformed",
                                   attempts=attempts)
         model = body.get("model") if isinstance(body.get("model"), str) else None
         return content, model, attempts
+
+
+def _read_bounded(response: Any, limit: int) -> bytes:
+    """At most ``limit`` bytes of ``response``, read in chunks (each read is bounded by the
+    request's deadline)."""
+    chunks: list[bytes] = []
+    size = 0
+    while size < limit:
+        chunk = response.read(min(_READ_CHUNK, limit - size))
+        if not chunk:
+            break
+        chunks.append(chunk)
+        size += len(chunk)
+    return b"".join(chunks)
 
 
 def display_url(url: str) -> str:

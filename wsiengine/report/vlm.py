@@ -63,7 +63,8 @@ class VLMClient:
     ConfigError
         No ``vlm_url`` or no ``vlm_model``, or a URL with ``user:password@``.
     RemoteEndpointError
-        The URL is not loopback and ``allow_remote`` is False.
+        The URL is not loopback and ``allow_remote`` is False, or it is remote and not ``https``
+        (the API key and the findings would cross the network unencrypted).
 
     Notes
     -----
@@ -91,6 +92,11 @@ class VLMClient:
                 f"the VLM endpoint {self.url!r} is not on this machine (host {host!r}): findings and evidence "
                 "tiles would leave it. Use a loopback URL (127.0.0.1, ::1, localhost) or, if the endpoint is "
                 "approved for this data, pass --allow-remote (allow_remote=True).")
+        if not self.loopback and urllib.parse.urlsplit(config.vlm_url).scheme != "https":
+            raise RemoteEndpointError(
+                f"the VLM endpoint {self.url!r} is remote but not https: the API key and the findings would "
+                "cross the network unencrypted. Use an https:// URL for remote endpoints (plain http is "
+                "accepted only for loopback: 127.0.0.1, ::1, localhost).")
         self.config = config
         self.backoff_s = float(backoff_s)
         self.endpoint = config.vlm_url.rstrip("/") + "/chat/completions"
@@ -169,6 +175,23 @@ class VLMClient:
         if self.text_only and images and self.config.vlm_images == "auto":
             flags.append("vlm_text_only")  # detected on an earlier call of this client
         pngs = [] if self.text_only else self._read_images(images)
+        narration = Narration(text=None, accepted=False, flags=flags, model=self.config.vlm_model)
+        try:
+            self._narrate(narration, findings, pngs, forbidden_strings)
+        except Exception as exc:  # noqa: BLE001 - the promise: whatever comes back, never raise
+            logger.warning("VLM narrative not used: the reply could not be handled (%s: %s)", type(exc).__name__,
+                           str(exc)[:200], exc_info=logger.isEnabledFor(logging.DEBUG))
+            narration.text, narration.accepted = None, False
+            if "vlm_malformed" not in narration.flags:
+                narration.flags.append("vlm_malformed")
+            narration.error = f"the reply could not be handled: {type(exc).__name__}: {str(exc)[:200]}"
+        narration.elapsed_s = round(time.monotonic() - start, 3)
+        return narration
+
+    def _narrate(self, narration: Narration, findings: dict[str, Any], pngs: list[bytes],
+                 forbidden_strings: Sequence[str]) -> None:
+        """The request(s) and the judging of :meth:`narrate`, filling ``narration`` in place."""
+        flags = narration.flags
         content: str | None = None
         model: str | None = None
         error: VLMRequestError | None = None
@@ -188,8 +211,8 @@ class VLMClient:
                     attempts += more
                 except VLMRequestError as exc2:
                     attempts, error = attempts + exc2.attempts, exc2
-        narration = Narration(text=None, accepted=False, flags=flags, model=model_name(model) or self.config.vlm_model,
-                              images_sent=len(pngs), attempts=attempts)
+        narration.model = model_name(model) or self.config.vlm_model
+        narration.images_sent, narration.attempts = len(pngs), attempts
         if error is not None:
             narration.flags.append(FLAG_OF_KIND[error.kind])
             narration.error = str(error)
@@ -198,8 +221,6 @@ class VLMClient:
             logger.warning("VLM narrative not used: %s", narration.error)
         else:
             judge_reply(narration, content or "", findings, forbidden_strings)
-        narration.elapsed_s = round(time.monotonic() - start, 3)
-        return narration
 
     def _messages(self, findings: dict[str, Any], pngs: list[bytes],
                   forbidden_strings: Sequence[str]) -> list[dict[str, Any]]:

@@ -26,6 +26,20 @@ repeats):
     ``image_url`` part gets HTTP 500 ``{"error": {"code": 500, "message": "image input is not
     supported - hint: if this is unexpected, you may need to provide the mmproj", "type":
     "server_error"}}``; string content gets the ``good`` reply.
+``"deep_json"``
+    HTTP 200 whose body is a JSON array nested ``depth`` levels deep (``json.loads`` raises
+    RecursionError on it).
+``"deep_content"``
+    HTTP 200, a chat completion whose content is ``{"narrative": [[[...]]]}`` nested ``depth``
+    levels deep.
+``"numeric_parts"``
+    HTTP 200, a chat completion whose content is a list of parts whose ``text`` is a number.
+``"huge"``
+    HTTP 200 whose body is ``huge_bytes`` of JSON whitespace around a good reply (more than a
+    client should read).
+``"trickle"``
+    A good answer, status line and headers included, sent one byte every ``trickle_s`` seconds
+    (a slow-loris server); stops when the server closes or the client hangs up.
 callable
     ``respond(request_body) -> (status, body, delay_s)`` or ``(status, body, delay_s, headers)``;
     ``body`` is bytes, str or a JSON-ready object; :func:`chat_completion` builds a 200 body.
@@ -49,7 +63,8 @@ __all__ = ["FakeVLMServer", "good_reply", "chat_completion", "LLAMA_CPP_NO_MMPRO
 Responder = Callable[[Any], tuple]
 Behaviour = Union[str, Responder]
 
-MODES = ("good", "malformed", "malformed_body", "http500", "timeout", "text_only")
+MODES = ("good", "malformed", "malformed_body", "http500", "timeout", "text_only", "deep_json", "deep_content",
+         "numeric_parts", "huge", "trickle")
 
 #: What llama.cpp's server answers to image content without a multimodal projector (2025).
 LLAMA_CPP_NO_MMPROJ = {"error": {"code": 500, "message": "image input is not supported - hint: if this is "
@@ -107,6 +122,12 @@ class FakeVLMServer:
         How long ``timeout`` waits before answering, seconds.
     host : str
         Loopback address to bind.
+    depth : int
+        Nesting depth of ``deep_json`` and ``deep_content``.
+    trickle_s : float
+        Seconds between the bytes of a ``trickle`` answer.
+    huge_bytes : int
+        Size of a ``huge`` body, bytes.
 
     Attributes
     ----------
@@ -117,7 +138,8 @@ class FakeVLMServer:
     """
 
     def __init__(self, respond: Behaviour | Sequence[Behaviour] = "good", *, reply: dict[str, Any] | str | None = None,
-                 model: str = "fake-vlm", hang_s: float = 30.0, host: str = "127.0.0.1") -> None:
+                 model: str = "fake-vlm", hang_s: float = 30.0, host: str = "127.0.0.1", depth: int = 200_000,
+                 trickle_s: float = 1.0, huge_bytes: int = 64 * 1024 * 1024) -> None:
         script = [respond] if isinstance(respond, str) or callable(respond) else list(respond)
         if not script:
             raise ValueError("respond must be a mode, a callable or a non-empty sequence of them")
@@ -128,6 +150,9 @@ class FakeVLMServer:
         self.reply = reply if reply is not None else good_reply()
         self.model = model
         self.hang_s = float(hang_s)
+        self.depth = int(depth)
+        self.trickle_s = float(trickle_s)
+        self.huge_bytes = int(huge_bytes)
         self.requests: list[dict[str, Any]] = []
         self._lock = threading.Lock()
         self._closing = threading.Event()
@@ -204,6 +229,21 @@ class FakeVLMServer:
         if behaviour == "timeout":
             status, payload, _ = self._good()
             return status, payload, self.hang_s
+        if behaviour == "deep_json":
+            return 200, ("[" * self.depth + "]" * self.depth).encode(), 0.0
+        if behaviour == "deep_content":
+            content = '{"narrative": ' + "[" * self.depth + "]" * self.depth + "}"
+            return 200, chat_completion(content, self.model), 0.0
+        if behaviour == "numeric_parts":
+            body = chat_completion("", self.model)
+            body["choices"][0]["message"]["content"] = [{"type": "text", "text": 42}, {"type": "text", "text": 1.5}]
+            return 200, body, 0.0
+        if behaviour == "huge":
+            data = json.dumps(self._good()[1]).encode()
+            return 200, b" " * max(0, self.huge_bytes - len(data)) + data, 0.0
+        if behaviour == "trickle":
+            status, payload, _ = self._good()
+            return status, payload, 0.0, {}, self.trickle_s
         if behaviour == "text_only":
             if _has_image_parts(body):
                 return 500, LLAMA_CPP_NO_MMPROJ, 0.0
@@ -224,9 +264,13 @@ class FakeVLMServer:
                     fake.requests.append({"method": self.command, "path": self.path,
                                           "headers": {k: v for k, v in self.headers.items()}, "body": body})
 
-            def _send(self, status: int, payload: Any, headers: dict[str, str] | None = None) -> None:
+            def _send(self, status: int, payload: Any, headers: dict[str, str] | None = None,
+                      trickle_s: float = 0.0) -> None:
                 data = payload if isinstance(payload, bytes) else (
                     payload.encode() if isinstance(payload, str) else json.dumps(payload).encode())
+                if trickle_s > 0:
+                    self._trickle(status, data, trickle_s)
+                    return
                 try:
                     self.send_response(status)
                     self.send_header("Content-Type", "application/json")
@@ -236,6 +280,19 @@ class FakeVLMServer:
                     self.end_headers()
                     self.wfile.write(data)
                 except OSError:  # the client gave up (timed out) and closed
+                    pass
+
+            def _trickle(self, status: int, data: bytes, trickle_s: float) -> None:
+                raw = (f"HTTP/1.1 {status} OK\r\nContent-Type: application/json\r\n"
+                       f"Content-Length: {len(data)}\r\nConnection: close\r\n\r\n").encode() + data
+                self.close_connection = True
+                try:
+                    for i in range(len(raw)):
+                        self.wfile.write(raw[i:i + 1])
+                        self.wfile.flush()
+                        if fake._closing.wait(trickle_s):
+                            return
+                except OSError:  # the client gave up and closed
                     pass
 
             def do_GET(self) -> None:  # noqa: N802
@@ -256,10 +313,10 @@ class FakeVLMServer:
                 if not self.path.rstrip("/").endswith("/chat/completions"):
                     self._send(404, {"error": {"message": f"no route {self.path}", "type": "not_found"}})
                     return
-                status, payload, delay, *headers = fake._answer(fake._next_behaviour(), body)
+                status, payload, delay, *extra = fake._answer(fake._next_behaviour(), body)
                 if delay > 0 and fake._closing.wait(delay):
                     return  # closing: drop the connection
-                self._send(status, payload, headers[0] if headers else None)
+                self._send(status, payload, extra[0] if extra else None, extra[1] if len(extra) > 1 else 0.0)
 
         return Handler
 
