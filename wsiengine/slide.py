@@ -36,7 +36,7 @@ from .errors import (
 )
 from .resolution import MppResolution, resolve_mpp
 
-__all__ = ["Slide", "open_slide", "slide_id_for", "MPP_TOLERANCE", "LevelRead", "resize_area"]
+__all__ = ["Slide", "open_slide", "slide_id_for", "MPP_TOLERANCE", "MAX_READ_BYTES", "LevelRead", "resize_area"]
 
 logger = logging.getLogger("wsiengine")
 
@@ -47,6 +47,17 @@ MPP_TOLERANCE = 0.02
 #: the largest image, in pixels, one backend call may return (about 48 MB of RGB);
 #: larger requests are split into pieces of at most this many pixels.
 READ_BUDGET_PX = 4096 * 4096
+
+#: the most bytes one :meth:`Slide.read_region` may return (1 GiB of RGB, about 18,900 px square);
+#: larger requests are refused with SlideReadError before any backend allocates them.
+MAX_READ_BYTES = 1024**3
+
+#: a tiled TIFF image with at least this many tiles ...
+SPARSE_MIN_TILES = 1024
+#: ... of which fewer than this fraction hold data is refused at open (CorruptSlideError): its
+#: declared size is not backed by the file (e.g. 10^6 x 10^6 px in a 960 KB file), and reading it
+#: would only produce white at great cost.
+SPARSE_MIN_STORED_FRACTION = 0.01
 
 
 @dataclass(frozen=True)
@@ -138,6 +149,14 @@ def _tiff_truncation(path: Path) -> str | None:
                 if offsets.size and int((offsets + counts).max()) > size:
                     end = int((offsets + counts).max())
                     return f"image {index} needs {end:,} bytes but the file has {size:,}: the file is truncated"
+                if page.is_tiled and counts.size >= SPARSE_MIN_TILES:
+                    stored = int(np.count_nonzero(counts))
+                    if stored < SPARSE_MIN_STORED_FRACTION * counts.size:
+                        return (
+                            f"image {index} declares {page.imagewidth:,} x {page.imagelength:,} px in {counts.size:,} tiles "
+                            f"but only {stored:,} of them hold data (the file has {size:,} bytes): its size is not backed "
+                            "by the file, so it is damaged or not a real slide"
+                        )
     except Exception as exc:  # noqa: BLE001 - any parse failure is a corruption sign
         return f"tifffile cannot parse it ({type(exc).__name__}: {exc})"
     return None
@@ -301,6 +320,12 @@ class Slide:
         """RGB ``(height, width, 3)`` uint8; ``location`` in level-0 px, ``size`` in px of ``level``."""
         if not 0 <= level < self.level_count:
             raise ConfigError(f"level {level} does not exist; '{self.path.name}' has levels 0..{self.level_count - 1}")
+        if int(size[0]) * int(size[1]) * 3 > MAX_READ_BYTES:
+            raise SlideReadError(
+                f"reading {size[0]}x{size[1]} px at level {level} of '{self.path.name}' would need "
+                f"{int(size[0]) * int(size[1]) * 3 / 2**20:,.0f} MiB, over the {MAX_READ_BYTES / 2**20:,.0f} MiB limit "
+                "of one read: read it in pieces (Slide.thumbnail does) or from a coarser level"
+            )
         try:
             return self._backend.read_region(int(location[0]), int(location[1]), level, int(size[0]), int(size[1]))
         except Exception as exc:
@@ -324,11 +349,15 @@ class Slide:
         image = self.read_region(location, plan.level, plan.read_size)
         return resize_area(image, plan.out_size)
 
-    def thumbnail(self, mpp: float, *, read_budget_px: int = READ_BUDGET_PX) -> tuple[np.ndarray, tuple[float, float]]:
+    def thumbnail(
+        self, mpp: float, *, read_budget_px: int = READ_BUDGET_PX, max_reads: int | None = None
+    ) -> tuple[np.ndarray, tuple[float, float]]:
         """The whole slide at about ``mpp`` µm/px, assembled from pieces of at most ``read_budget_px``.
 
         Returns the RGB image and its exact (x, y) µm/px. Whatever the slide size, no single
-        backend call returns more than ``read_budget_px`` pixels.
+        backend call returns more than ``read_budget_px`` pixels. With ``max_reads``, a thumbnail
+        that would need more backend reads than that (a huge slide without a coarse enough
+        pyramid level) raises :class:`~wsiengine.errors.SlideReadError` before reading anything.
         """
         level = self.best_level_for_mpp(mpp) if mpp >= min(self.mpp) else 0
         lw, lh = self.level_dimensions[level]
@@ -341,6 +370,13 @@ class Slide:
         piece_w = max(1, int(side / sx))  # output px per piece so the level read stays in budget
         piece_h = max(1, int(side / sy))
         d = self.level_downsamples[level]
+        reads = math.ceil(out_h / piece_h) * math.ceil(out_w / piece_w)
+        if max_reads is not None and reads > max_reads:
+            raise SlideReadError(
+                f"a thumbnail of '{self.path.name}' at {mpp:.3g} µm/px would need {reads:,} reads of level {level} "
+                f"({lw:,} x {lh:,} px, the coarsest level that resolves it), over the limit of {max_reads:,}: the slide "
+                "is implausibly large for its pyramid. Check the file, or give it a pyramid (e.g. vips tiffsave --pyramid)."
+            )
         for oy0 in range(0, out_h, piece_h):
             oy1 = min(out_h, oy0 + piece_h)
             ly0, ly1 = round(oy0 * sy), min(lh, round(oy1 * sy))

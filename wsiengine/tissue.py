@@ -7,6 +7,11 @@ transform -> Otsu threshold -> pen-ink and glass rejection -> morphological clos
 opening -> filling of small holes -> removal of small objects. Areas and radii are given in
 micrometres and converted to mask pixels here.
 
+Building the thumbnail is bounded too: a slide whose thumbnail would need more than
+:data:`MAX_THUMBNAIL_READS` backend reads (a huge level 0 with no coarse pyramid level, e.g. a
+file declaring 10^6 x 10^6 px) raises :class:`~wsiengine.errors.SlideReadError` up front
+instead of reading for an hour.
+
 No tissue is a result, not an error: the mask is empty and a warning is logged, unless
 ``TissueConfig(on_no_tissue="raise")`` asks for :class:`~wsiengine.errors.NoTissueError`.
 """
@@ -27,9 +32,13 @@ from .errors import NoTissueError
 from .kernels import TissueSegmentParams, segment_tissue
 from .slide import Slide
 
-__all__ = ["TissueMask", "detect_tissue", "mask_to_polygons"]
+__all__ = ["TissueMask", "detect_tissue", "mask_to_polygons", "MAX_THUMBNAIL_READS"]
 
 logger = logging.getLogger("wsiengine")
+
+#: the most backend reads (each at most ``TissueConfig.read_budget_px``) one tissue thumbnail may
+#: take; at the default budget that is a single-level slide of about 130,000 px square.
+MAX_THUMBNAIL_READS = 1024
 
 
 @dataclass(frozen=True, eq=False)
@@ -164,7 +173,7 @@ def detect_tissue(
     if pixels > config.max_mask_px:
         target *= math.sqrt(pixels / config.max_mask_px) * 1.001
         logger.info("%s: mask coarsened to %.3g µm/px to stay within %d px", slide.path.name, target, config.max_mask_px)
-    thumb, (tmx, tmy) = slide.thumbnail(target, read_budget_px=config.read_budget_px)
+    thumb, (tmx, tmy) = slide.thumbnail(target, read_budget_px=config.read_budget_px, max_reads=MAX_THUMBNAIL_READS)
     px_area = tmx * tmy
     radius = lambda um: int(round(um / math.sqrt(px_area)))  # noqa: E731
     params = TissueSegmentParams(
