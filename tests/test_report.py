@@ -481,7 +481,7 @@ def test_remote_endpoints_are_refused_without_allow_remote(cmu_result, tmp_path,
     assert main(["run", str(res.store.parent / "nothing-here"), "-o", str(tmp_path / "run"), "--vlm-url",
                  "http://192.168.1.5/v1", "--vlm-model", "m"]) == 2
     # With the flag the endpoint is accepted (unreachable here: the report falls back to the template).
-    rep = make_report(res.store, tmp_path / "ok", vlm=VLMConfig(vlm_url="http://10.255.255.1:9/v1", vlm_model="m",
+    rep = make_report(res.store, tmp_path / "ok", vlm=VLMConfig(vlm_url="https://10.255.255.1:9/v1", vlm_model="m",
                                                                allow_remote=True, vlm_timeout_s=0.3, vlm_retries=0))
     assert rep.document["narrative"]["source"] == "template" and "vlm_rejected" in rep.document["flags"]
 
