@@ -21,6 +21,10 @@ A **head directory** holds two files, and optionally a third:
     An :class:`~wsiengine.ood.EmbeddingReference` of the tile embeddings the head was trained on
     (written by ``train-mil``), for the out-of-distribution QC check: :attr:`MILHead.reference`.
 
+The graph must match its config: ``sha256`` is checked against the file at every load (and by
+:func:`read_head_config`, which the run's resume key is built from), and ``onnx`` must name a
+plain file inside the head directory; see :class:`MILHead`.
+
 :func:`wsiengine.models.training.mil_export.save_mil_head` writes such a directory from a trained torch
 model. The graph's activations are linear in N (no ``(N, N)`` tensor), so a 100,000-tile bag
 needs little beyond its own features.
@@ -39,10 +43,11 @@ import numpy as np
 
 from .config import ModelTiling, physical_cores, tiling_differences, tiling_mismatch_message
 from .errors import ConfigError, ModelError
+from .hashing import sha256_file
 from .ood import EmbeddingReference
 
 __all__ = ["SlidePrediction", "MILHead", "HEAD_FORMAT", "HEAD_FORMAT_VERSION", "MODEL_NAME", "CONFIG_NAME",
-           "REFERENCE_NAME", "DEFAULT_HEAD", "default_head_path", "read_head_config", "head_tiling",
+           "REFERENCE_NAME", "DEFAULT_HEAD", "default_head_path", "read_head_config", "head_file", "head_tiling",
            "tiling_differences"]
 
 logger = logging.getLogger("wsiengine")
@@ -69,9 +74,45 @@ def default_head_path() -> Path:
     return Path(str(resources.files("wsiengine.models").joinpath(DEFAULT_HEAD)))
 
 
-def read_head_config(path: str | os.PathLike[str]) -> tuple[Path, dict[str, Any]]:
-    """The folder and checked ``config.json`` of a head (``"default"`` or a folder), without
-    loading its graph: what the run resolver reads for the head's training tiling."""
+def head_file(root: Path, name: Any, what: str) -> Path:
+    """``root / name`` when ``name`` is a plain file name (no folder, no ``..``, not absolute) whose
+    file, following symbolic links, lies inside the head directory ``root``; else a ModelError.
+    ``what`` names the entry in messages (e.g. ``"config.json 'onnx'"``)."""
+    from pathlib import PurePosixPath, PureWindowsPath
+
+    if (not isinstance(name, str) or name in ("", ".", "..") or "\0" in name
+            or PurePosixPath(name).name != name or PureWindowsPath(name).name != name):
+        raise ModelError(f"MIL head directory '{root}': {what} must be a plain file name inside the head directory "
+                         f"(no folders, '..' or absolute paths), got {name!r}; fix config.json or re-export the head "
+                         "with wsiengine train-mil")
+    path = root / name
+    if os.path.lexists(path):
+        real_root, real = root.resolve(), path.resolve()
+        if real != real_root and real_root not in real.parents:
+            raise ModelError(f"MIL head directory '{root}': {name} is a link to '{real}', outside the head directory; "
+                             "copy the file into the head directory instead of linking to it")
+    return path
+
+
+def _check_head_graph(model_path: Path, config: dict[str, Any], actual: str) -> None:
+    """Check the graph's SHA-256 ``actual`` against the ``sha256`` recorded in ``config``; fill it in
+    (with a warning) when the config records none."""
+    recorded = config.get("sha256")
+    if recorded is None:
+        logger.warning("MIL head '%s' records no sha256 of its graph; loading it unverified as sha256 %s "
+                       "(re-export the head with wsiengine train-mil to record one)", model_path.parent, actual)
+        config["sha256"] = actual
+        config["sha256_recorded"] = False
+        return
+    if not isinstance(recorded, str) or recorded.strip().lower() != actual:
+        raise ModelError(f"cannot load MIL head '{model_path.parent}': {model_path.name} has sha256 {actual} but config.json "
+                         f"records sha256 {recorded}; the graph was replaced or damaged after export. Restore the "
+                         f"original {model_path.name}, or re-export the head (wsiengine train-mil / save_mil_head) "
+                         "so that config.json and the graph belong together")
+
+
+def _read_head(path: str | os.PathLike[str]) -> tuple[Path, dict[str, Any], Path]:
+    """The folder, checked ``config.json`` and graph path of a head, the graph not yet hashed."""
     if os.fspath(path) == "default":
         root = default_head_path()
         if not (root / CONFIG_NAME).is_file():
@@ -93,6 +134,29 @@ def read_head_config(path: str | os.PathLike[str]) -> tuple[Path, dict[str, Any]
     if not isinstance(config, dict):
         raise ModelError(f"'{cfg_path}' must hold a JSON object, got {type(config).__name__}")
     MILHead._check_config(config, cfg_path)
+    model_path = head_file(root, config.get("onnx") or MODEL_NAME, "config.json 'onnx'")
+    if not model_path.is_file():
+        raise ModelError(f"MIL head directory '{root}' has no {model_path.name}; re-export the head with "
+                         "wsiengine.models.training.mil_export.save_mil_head")
+    head_file(root, REFERENCE_NAME, REFERENCE_NAME)
+    return root, config, model_path
+
+
+def read_head_config(path: str | os.PathLike[str]) -> tuple[Path, dict[str, Any]]:
+    """The folder and checked ``config.json`` of a head (``"default"`` or a folder), without
+    loading its graph: what the run resolver reads for the head's training tiling and identity.
+
+    The graph file is hashed and checked against the config's ``sha256`` as in
+    :meth:`MILHead.load` (a config without one gets the computed hash, with a warning), so the
+    ``sha256`` returned always names the graph on disk.
+
+    Raises
+    ------
+    ModelError
+        As :meth:`MILHead.load`, short of ONNX Runtime's checks of the graph.
+    """
+    root, config, model_path = _read_head(path)
+    _check_head_graph(model_path, config, sha256_file(model_path))
     return root, config
 
 
@@ -135,6 +199,15 @@ class SlidePrediction:
 
 class MILHead:
     """A slide-level MIL head running in ONNX Runtime (CPU).
+
+    Loading checks that the graph belongs to its config: the SHA-256 of the graph file must equal
+    the config's ``sha256`` (written by ``save_mil_head``), else :class:`~wsiengine.errors.ModelError`
+    names both hashes; the graph is read once, hashed and handed to ONNX Runtime from memory, so
+    the file that ran is the file that was checked. ``onnx`` must be a plain file name inside the
+    head directory and ``model.onnx`` / ``reference.npz`` may not be links to files outside it.
+    A config **without** ``sha256`` (a hand-made or pre-0.1 head) still loads, with a warning: the
+    computed hash is put in :attr:`config` (``"sha256"``, with ``"sha256_recorded": False``), so
+    result stores and the resume key record the graph that actually ran.
 
     Attributes
     ----------
@@ -184,7 +257,7 @@ class MILHead:
         return self._reference
 
     def _read_reference(self) -> EmbeddingReference | None:
-        path = self.path / REFERENCE_NAME
+        path = head_file(self.path, REFERENCE_NAME, REFERENCE_NAME)
         if not path.exists():
             return None
         reference = EmbeddingReference.load(path)
@@ -211,14 +284,19 @@ class MILHead:
         Raises
         ------
         ModelError
-            The directory or one of its files is missing or unreadable, or the config is invalid.
+            The directory or one of its files is missing or unreadable, the config is invalid, the
+            graph's SHA-256 differs from the config's ``sha256``, or ``onnx`` / a file of the head
+            lies outside the head directory.
         """
-        root, config = read_head_config(path)
+        import hashlib
+
+        root, config, model_path = _read_head(path)
         cfg_path = root / CONFIG_NAME
-        model_path = root / str(config.get("onnx") or MODEL_NAME)
-        if not model_path.is_file():
-            raise ModelError(f"MIL head directory '{root}' has no {model_path.name}; re-export the head with "
-                             "wsiengine.models.training.mil_export.save_mil_head")
+        try:
+            graph = model_path.read_bytes()
+        except OSError as exc:
+            raise ModelError(f"cannot read '{model_path}': {exc}") from exc
+        _check_head_graph(model_path, config, hashlib.sha256(graph).hexdigest())
         import onnxruntime as ort
 
         options = ort.SessionOptions()
@@ -229,8 +307,11 @@ class MILHead:
         options.inter_op_num_threads = 1
         # Bag sizes vary slide to slide: a memory pattern planned for one N is useless for the next.
         options.enable_mem_pattern = False
+        # The graph is loaded from the checked bytes: any external data resolves (and must stay)
+        # inside the head directory, as when loading from the file.
+        options.add_session_config_entry("session.model_external_initializers_file_folder_path", str(root.resolve()))
         try:
-            session = ort.InferenceSession(str(model_path), sess_options=options, providers=["CPUExecutionProvider"])
+            session = ort.InferenceSession(graph, sess_options=options, providers=["CPUExecutionProvider"])
         except Exception as exc:  # noqa: BLE001 - onnxruntime raises its own exception types
             raise ModelError(f"ONNX Runtime cannot load '{model_path}': {exc}") from exc
         inputs = {i.name: i for i in session.get_inputs()}

@@ -33,7 +33,7 @@ from PIL import Image
 
 from .config import ModelTiling, physical_cores, tiling_mismatch_message
 from .errors import ConfigError, ModelError, ProviderError
-from .hashing import sha256_file
+from .hashing import sha256_file, sha256_files
 from .kernels import normalise_to_nchw
 from .models import EncoderSpec, get_encoder_spec
 from .slide import Slide, resize_area
@@ -437,26 +437,65 @@ def float16_model(path: str | os.PathLike[str]) -> Any:
     return convert_float_to_float16(onnx.load(str(path), load_external_data=True), keep_io_types=True)
 
 
+def _float16_source_hash(path: Path) -> str:
+    """SHA-256 of the ONNX model at ``path`` followed by its external data files, if any (in
+    the order the graph names them): what a float16 copy of it is keyed by."""
+    files = [path]
+    if path.stat().st_size < _GRAPH_ONLY_BYTES:  # a graph whose weights may live in external files
+        import onnx
+
+        model = onnx.load(str(path), load_external_data=False)
+        seen: list[str] = []
+        all_tensors = getattr(onnx.external_data_helper, "_get_all_tensors", lambda m: m.graph.initializer)
+        for tensor in all_tensors(model):
+            if onnx.external_data_helper.uses_external_data(tensor):
+                location = next((e.value for e in tensor.external_data if e.key == "location"), "")
+                if location not in seen:
+                    seen.append(location)
+        folder = path.parent.resolve()
+        for location in seen:
+            candidate = path.parent / location
+            real = candidate.resolve()
+            if Path(location).is_absolute() or folder not in real.parents:
+                raise ModelError(f"'{path}' names external data {location!r} outside its folder; an encoder's "
+                                 "weights must lie beside its .onnx file (re-export it with wsiengine export-encoder)")
+            if candidate.is_file():
+                files.append(candidate)
+    return sha256_files(files)
+
+
+#: A model file smaller than this is parsed to find its external data files (a graph with
+#: external weights is small; a large file holds its own weights).
+_GRAPH_ONLY_BYTES = 64 << 20
+
+
 def float16_variant(path: str | os.PathLike[str], cache_dir: str | os.PathLike[str] | None = None) -> Path:
     """A float16 copy (:func:`float16_model`) of the ONNX model at ``path``, made once and reused.
 
-    Written as ``<stem>.fp16.onnx`` beside the model, or in ``cache_dir`` (default
-    ``~/.cache/wsiengine`` when the model's folder is not writable); remade when older than the
-    model. Returns its path.
+    Written as ``<stem>.<hash>.fp16.onnx``, ``<hash>`` the first 16 hex digits of the SHA-256 of
+    the source model (its ``.onnx`` file and external data files), beside the model or in
+    ``cache_dir`` (default ``~/.cache/wsiengine`` when the model's folder is not writable). The
+    copy is keyed by content, not by name or time: two different models named ``model.onnx``
+    never share a copy, and a replaced model gets a new one. Returns its path.
     """
     path = Path(path)
-    target = path.with_name(path.stem + ".fp16.onnx")
+    source_hash = _float16_source_hash(path)[:16]
+    name = f"{path.stem}.{source_hash}.fp16.onnx"
+    target = path.with_name(name)
     if cache_dir is not None or not os.access(path.parent, os.W_OK):
         base = Path(cache_dir or Path.home() / ".cache" / "wsiengine").expanduser()
         base.mkdir(parents=True, exist_ok=True)
-        target = base / (path.stem + ".fp16.onnx")
-    if target.is_file() and target.stat().st_mtime >= path.stat().st_mtime:
+        target = base / name
+    if target.is_file():
         return target
     import onnx
 
     model = float16_model(path)
-    partial = target.with_name(target.name + ".part")
-    onnx.save(model, str(partial))
-    partial.replace(target)
+    partial = target.with_name(f"{target.name}.{os.getpid()}.part")
+    try:
+        onnx.save(model, str(partial))
+        partial.replace(target)
+    finally:
+        partial.unlink(missing_ok=True)
     logger.info("wrote float16 variant %s", target)
     return target
