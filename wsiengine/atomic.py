@@ -5,13 +5,19 @@ from __future__ import annotations
 
 import contextlib
 import os
+import re
 import shutil
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
 from typing import BinaryIO
 
-__all__ = ["atomic_write", "replace_directory"]
+__all__ = ["atomic_write", "replace_directory", "TEMP_FILE", "OLD_FOLDER"]
+
+#: names of :func:`atomic_write`'s temporaries: ``.NAME.PID.HEX8.tmp``
+TEMP_FILE = re.compile(r"^\.(?P<name>.+)\.(?P<pid>\d+)\.[0-9a-f]{8}\.tmp$")
+#: names of the folders :func:`replace_directory` sets aside: ``.NAME.partial-old-PID-HEX8``
+OLD_FOLDER = re.compile(r"^\.(?P<name>.+)\.partial-old-(?P<pid>\d+)-[0-9a-f]{8}$")
 
 
 @contextlib.contextmanager

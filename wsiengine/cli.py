@@ -514,6 +514,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"error: {type(exc).__name__}: {exc}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
+        print("interrupted; rerun the same command to resume", file=sys.stderr)
         return 130
 
 

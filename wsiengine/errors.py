@@ -24,6 +24,8 @@ __all__ = [
     "TrainingDataError",
     "MissingFeaturesError",
     "StoreError",
+    "OutputError",
+    "OutputLockedError",
     "ReportError",
     "RemoteEndpointError",
     "VLMError",
@@ -116,6 +118,25 @@ class ProviderError(WsiEngineError):
 
 class StoreError(WsiEngineError):
     """A result store cannot be written or read (full disk, newer schema, incomplete store)."""
+
+
+class OutputError(WsiEngineError):
+    """The output folder cannot be used: the path is a file, it is not writable, or a file of the
+    run (``summary.csv``, a slide's results) cannot be written there (full disk, read-only)."""
+
+
+class OutputLockedError(OutputError):
+    """Another run is writing to the same output folder (it holds ``OUT/.wsiengine.lock``).
+
+    Attributes
+    ----------
+    holder : dict
+        What the lock file says about its holder: ``pid``, ``host``, ``started``.
+    """
+
+    def __init__(self, message: str, holder: dict | None = None) -> None:
+        super().__init__(message)
+        self.holder = dict(holder or {})
 
 
 class TrainingDataError(WsiEngineError, ValueError):

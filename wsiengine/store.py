@@ -42,7 +42,7 @@ from .errors import StoreError
 from .tiling import TileGrid
 
 __all__ = ["SCHEMA_VERSION", "FeatureWriter", "ResultStore", "read_features", "open_store", "open_result",
-           "slide_fingerprint"]
+           "slide_fingerprint", "verify_store"]
 
 logger = logging.getLogger("wsiengine")
 
@@ -191,6 +191,7 @@ class FeatureWriter:
         if self.rows_written != self.n or self._pending:
             missing = self.n - self.rows_written
             raise StoreError(f"store '{self.path.name}' is missing {missing} of {self.n} feature rows; not committed")
+        verify_store(self.group, self.partial.name)  # e.g. the partial folder was removed under the writer
         self.group.attrs.update({**attrs, "complete": True})
         return replace_directory(self.partial, self.path)
 
@@ -230,7 +231,58 @@ def open_store(path: str | os.PathLike[str]):
         raise StoreError(f"'{p.name}' has schema version {version}; this wsiengine reads up to {SCHEMA_VERSION}. Upgrade wsiengine.")
     if not group.attrs.get("complete", False):
         raise StoreError(f"'{p.name}' is incomplete (its run did not finish); rerun the slide")
+    verify_store(group, p.name)
     return group
+
+
+def _shape(group: Any, name: str) -> tuple[int, ...] | None:
+    """The shape of array ``name`` in ``group``, or None when it is missing or not an array."""
+    try:
+        node = group[name]
+    except (KeyError, FileNotFoundError, ValueError):
+        return None
+    except Exception:  # noqa: BLE001 - zarr raises several types for damaged metadata
+        return None
+    shape = getattr(node, "shape", None)
+    return tuple(int(n) for n in shape) if shape is not None else None
+
+
+def verify_store(group: Any, name: str = "store") -> None:
+    """Check that a store marked complete holds what the schema requires, with consistent shapes:
+    ``tiles/coords`` (N, 2) with N the recorded ``n_tiles``, ``features`` (N, D) with D the
+    recorded ``embed_dim``, and from schema version 2 ``tiles/tissue_fraction`` (N,) and
+    ``tiles/grid_index`` (N, 2); ``attention`` and ``tile_scores`` (N,) when present or when a
+    prediction is recorded. Raises :class:`~wsiengine.errors.StoreError` naming what is wrong."""
+    problems: list[str] = []
+    coords = _shape(group, "tiles/coords")
+    n = group.attrs.get("n_tiles")
+    if coords is None:
+        problems.append("tiles/coords is missing")
+    elif len(coords) != 2 or coords[1] != 2:
+        problems.append(f"tiles/coords has shape {coords}, expected (N, 2)")
+    elif n is not None and coords[0] != int(n):
+        problems.append(f"tiles/coords has {coords[0]} rows but the store records {n} tiles")
+    if n is None and coords is not None:
+        n = coords[0]
+    n = None if n is None else int(n)
+    required: dict[str, tuple[int | None, ...]] = {"features": (n, group.attrs.get("embed_dim"))}
+    if int(group.attrs.get("schema_version", 1)) >= 2:
+        required.update({"tiles/tissue_fraction": (n,), "tiles/grid_index": (n, 2)})
+    optional = {"attention": (n,), "tile_scores": (n,)}
+    if group.attrs.get("prediction") and n:
+        required.update(optional)
+    for array, expected in {**optional, **required}.items():
+        shape = _shape(group, array)
+        if shape is None:
+            if array in required:
+                problems.append(f"{array} is missing")
+            continue
+        if len(shape) != len(expected) or any(e is not None and int(e) != s for e, s in zip(expected, shape)):
+            want = "(" + ", ".join("N" if e is None else str(e) for e in expected) + ("," if len(expected) == 1 else "") + ")"
+            problems.append(f"{array} has shape {shape}, expected {want}")
+    if problems:
+        raise StoreError(f"'{name}' is marked complete but is damaged ({'; '.join(problems)}); "
+                         "rerun the slide (wsiengine run redoes it)")
 
 
 class ResultStore:

@@ -2,12 +2,24 @@
 
 from __future__ import annotations
 
+import contextlib
+import json
+import logging
 import os
+import socket
+import time
 from pathlib import Path
+from typing import Any
 
 from ..atomic import atomic_write
+from ..errors import OutputError, OutputLockedError
 
-__all__ = ["ResultsLocation"]
+__all__ = ["ResultsLocation", "OutputLock", "LOCK_NAME"]
+
+logger = logging.getLogger("wsiengine")
+
+#: the lock file a batch run holds in its local output folder
+LOCK_NAME = ".wsiengine.lock"
 
 
 class ResultsLocation:
@@ -31,8 +43,23 @@ class ResultsLocation:
             self.fs.makedirs(self.root, exist_ok=True)
         else:
             self.path = Path(text).expanduser()
-            self.path.mkdir(parents=True, exist_ok=True)
             self.target = str(self.path)
+            if self.path.exists() and not self.path.is_dir():
+                raise OutputError(f"the output path '{self.path}' is a file, not a folder; "
+                                  "give a folder (it is created if missing)")
+            try:
+                self.path.mkdir(parents=True, exist_ok=True)
+            except OSError as exc:
+                raise OutputError(f"cannot create the output folder '{self.path}': {exc.strerror or exc}; "
+                                  "give a folder you can write to") from exc
+
+    def check_writable(self) -> None:
+        """Raise :class:`~wsiengine.errors.OutputError` unless a local output folder is writable."""
+        if self.is_url:
+            return
+        if not os.access(self.path, os.W_OK | os.X_OK):
+            raise OutputError(f"the output folder '{self.path}' is not writable; "
+                              "fix its permissions or give another folder")
 
     def __str__(self) -> str:
         return self.target
@@ -82,3 +109,127 @@ class ResultsLocation:
             if f != root_meta:
                 self._put(f, f"{remote}/{f.relative_to(store).as_posix()}")
         self._put(root_meta, f"{remote}/zarr.json")  # last: the store opens only once it is all there
+
+
+def _pid_alive(pid: int) -> bool:
+    """True when a process ``pid`` exists on this machine (signal 0; EPERM: it exists, not ours)."""
+    if pid <= 0:
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    except OSError:
+        return False
+    return True
+
+
+class OutputLock:
+    """An exclusive lock on a local output folder, held by one run for its whole length.
+
+    The lock is the file ``OUT/.wsiengine.lock``, created with ``O_CREAT | O_EXCL`` and holding
+    the owner's pid, host and start time (JSON). A second run finds it and stops with
+    :class:`~wsiengine.errors.OutputLockedError` naming the owner. A lock left by a run that was
+    killed (its pid no longer alive on this host) is stale: it is taken over, with a log line. A
+    lock from another host is never taken over (its process cannot be checked from here): the
+    message says to remove the file once that run is gone. :meth:`release` (or leaving the
+    ``with`` block) removes the file.
+    """
+
+    def __init__(self, folder: str | os.PathLike[str], *, command: str = "run") -> None:
+        self.path = Path(folder) / LOCK_NAME
+        self.command = command
+        self.info: dict[str, Any] = {}
+        self._held = False
+
+    def _read(self) -> dict[str, Any] | None:
+        try:
+            text = self.path.read_text(encoding="utf-8")
+        except FileNotFoundError:
+            return None
+        except OSError:
+            return {}
+        try:
+            data = json.loads(text)
+        except ValueError:
+            return {}
+        return data if isinstance(data, dict) else {}
+
+    def _create(self) -> bool:
+        info = {"pid": os.getpid(), "host": socket.gethostname(), "started": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+                "command": self.command}
+        try:
+            fd = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+        except FileExistsError:
+            return False
+        except OSError as exc:
+            raise OutputError(f"cannot write to the output folder '{self.path.parent}': {exc.strerror or exc}; "
+                              "fix its permissions or give another folder") from exc
+        try:
+            os.write(fd, json.dumps(info).encode())
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        self.info = info
+        return True
+
+    def acquire(self) -> "OutputLock":
+        """Take the lock, taking over a stale one; :class:`OutputLockedError` when another run holds it."""
+        for _ in range(5):
+            if self._create():
+                self._held = True
+                return self
+            holder = self._read()
+            if holder is None:  # released between our two looks: try again
+                continue
+            pid, host = holder.get("pid"), holder.get("host")
+            who = (f"process {pid} on host {host}" + (f", started {holder['started']}" if holder.get("started") else "")
+                   if pid else "an unknown process (the lock file is unreadable)")
+            if not holder and time.time() - _mtime(self.path) < 10:
+                time.sleep(0.2)  # another run is writing its lock this instant
+                continue
+            if holder and (host != socket.gethostname() or (isinstance(pid, int) and _pid_alive(pid))):
+                raise OutputLockedError(
+                    f"the output folder '{self.path.parent}' is in use by another wsiengine run ({who}); wait for it to "
+                    f"finish or choose another output folder. If that run is gone, delete '{self.path}'.", holder)
+            logger.warning("taking over a stale lock on '%s' left by %s, which is no longer running",
+                           self.path.parent, who)
+            stale = self.path.with_name(f"{LOCK_NAME}.stale-{os.getpid()}")
+            try:
+                os.replace(self.path, stale)  # one taker wins; the others find the new lock on their next look
+            except FileNotFoundError:
+                continue
+            try:
+                moved = json.loads(stale.read_text(encoding="utf-8"))
+            except (OSError, ValueError):
+                moved = {}
+            if moved and moved != holder:  # another run took it over first: give its lock back
+                with contextlib.suppress(OSError):
+                    os.link(stale, self.path)
+            stale.unlink(missing_ok=True)
+        raise OutputLockedError(f"could not lock the output folder '{self.path.parent}' ({self.path} keeps "
+                                "changing); is another run starting there?", self._read() or {})
+
+    def release(self) -> None:
+        """Remove the lock file if this process still holds it."""
+        if not self._held:
+            return
+        self._held = False
+        holder = self._read()
+        if holder and holder.get("pid") == self.info.get("pid") and holder.get("host") == self.info.get("host"):
+            self.path.unlink(missing_ok=True)
+
+    def __enter__(self) -> "OutputLock":
+        return self.acquire()
+
+    def __exit__(self, *exc: Any) -> None:
+        self.release()
+
+
+def _mtime(path: Path) -> float:
+    try:
+        return path.stat().st_mtime
+    except OSError:
+        return 0.0

@@ -7,8 +7,10 @@ resolved :class:`~wsiengine.config.RunConfig`, once, and reuses it.
 from __future__ import annotations
 
 import contextlib
+import errno
 import logging
 import os
+import re
 import shutil
 import tempfile
 import time
@@ -18,12 +20,13 @@ from typing import Any
 
 import numpy as np
 
+from ..atomic import OLD_FOLDER, TEMP_FILE
 from ..config import RunConfig, physical_cores
-from ..errors import ConfigError, WsiEngineError
+from ..errors import ConfigError, OutputError, WsiEngineError
 from ..pipeline import Pipeline, configured_mpp
 from ..stream import bounded_as_completed
 from .discovery import SLIDE_EXTENSIONS, SlideEntry, discover_slides
-from .location import ResultsLocation
+from .location import OutputLock, ResultsLocation, _pid_alive
 from .summary import (
     BatchSummary,
     SummaryRow,
@@ -51,7 +54,27 @@ def _pipeline(config: RunConfig) -> Pipeline:
     return pipe
 
 
-def _error_text(exc: BaseException) -> str:
+#: errno values of a write that failed because of the output, not the slide
+_OUTPUT_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM, errno.EFBIG}
+
+
+def _output_oserror(exc: BaseException) -> OSError | None:
+    """The output-side OSError (full disk, quota, read-only, permissions) in ``exc``'s chain, if any."""
+    seen = 0
+    while exc is not None and seen < 10:
+        if isinstance(exc, OSError) and exc.errno in _OUTPUT_ERRNOS:
+            return exc
+        exc, seen = exc.__cause__ or exc.__context__, seen + 1
+    return None
+
+
+def _error_text(exc: BaseException, out_dir: str = "") -> str:
+    disk = _output_oserror(exc)
+    if disk is not None and not isinstance(exc, WsiEngineError):
+        where = f" in '{out_dir}'" if out_dir else ""
+        return (f"OutputError: cannot write the slide's results{where}: {disk.strerror or disk}"
+                f"{f' ({disk.filename})' if disk.filename else ''}; free disk space or fix permissions, "
+                "then rerun the same command")
     if isinstance(exc, WsiEngineError):
         return f"{type(exc).__name__}: {exc}"
     return f"{type(exc).__name__}: {exc} (unexpected; see {LOG_NAME})"
@@ -78,9 +101,11 @@ def process_slide(entry: SlideEntry, out_dir: str, config: RunConfig, mpp: tuple
         return SummaryRow(entry.slide_id, str(entry.path), "done", label=label, probability=res.probability,
                           n_tiles=res.n_tiles, seconds=time.perf_counter() - started)
     except Exception as exc:  # noqa: BLE001 - one bad slide never stops the batch
-        logger.error("%s failed: %s", entry.slide_id, exc, exc_info=not isinstance(exc, WsiEngineError))
+        text = _error_text(exc, out_dir)
+        logger.error("%s failed: %s", entry.slide_id, text,
+                     exc_info=not isinstance(exc, WsiEngineError) and _output_oserror(exc) is None)
         return SummaryRow(entry.slide_id, str(entry.path), "failed", seconds=time.perf_counter() - started,
-                          error=_error_text(exc))
+                          error=text)
     finally:
         if staging is not None:
             shutil.rmtree(staging, ignore_errors=True)
@@ -180,12 +205,65 @@ def _refresh_report(out: ResultsLocation, entry: SlideEntry, pipe: Pipeline, row
     return row
 
 
+#: temporaries the engine leaves in an output folder when a run is killed, by exact name pattern:
+#: a store being built (store.FeatureWriter: ``SLIDE.zarr.partial``), a side file being staged
+#: (pipeline._Staged: ``.SLIDE.partial.geojson``, ``.SLIDE.heatmap.partial.png``), a report being
+#: built (``.SLIDE.report.partial-PID``), the temporaries of atomic.atomic_write
+#: (``.NAME.PID.HEX8.tmp``) and the set-aside folders of atomic.replace_directory
+#: (``.NAME.partial-old-PID-HEX8``; ``NAME.zarr.old`` from older versions).
+_STORE_PARTIAL = re.compile(r"^(?P<name>[^/]+\.zarr)\.partial$")
+_STAGED_FILE = re.compile(r"^\.(?P<stem>.+)\.partial\.(?:geojson|png|md|json)$")
+_REPORT_PARTIAL = re.compile(r"^\.(?P<sid>.+)\.report\.partial-(?P<pid>\d+)$")
+_LEGACY_OLD = re.compile(r"^(?P<name>.+\.zarr)\.old$")
+
+
+def _engine_temporary(p: Path) -> tuple[str, int | None] | None:
+    """``(kind, pid or None)`` when ``p`` is a temporary the engine makes, else None."""
+    name = p.name
+    if _STORE_PARTIAL.match(name) and p.is_dir():
+        return "store", None
+    if _STAGED_FILE.match(name) and p.is_file():
+        return "staged", None
+    if (m := _REPORT_PARTIAL.match(name)) and p.is_dir():
+        return "report", int(m["pid"])
+    if (m := TEMP_FILE.match(name)) and p.is_file():
+        return "tmp", int(m["pid"])
+    if (m := OLD_FOLDER.match(name)) and p.is_dir():
+        return "old", int(m["pid"])
+    if _LEGACY_OLD.match(name) and p.is_dir() and (p / "zarr.json").is_file():
+        return "old", None
+    return None
+
+
 def _remove_stale_temporaries(out_dir: Path) -> None:
-    for p in out_dir.iterdir():
-        stale = p.name.endswith(".partial") or (p.name.startswith(".") and (".partial" in p.name or p.name.endswith(".tmp")))
-        if stale and p.is_dir():
+    """Clear what killed runs left in ``out_dir`` (this run holds the folder's lock, so no other
+    run is writing there): only names the engine makes, never a user's ``notes.tmp`` or
+    ``x.partial``; files whose pid is a live process other than this one are left alone (a
+    ``wsiengine report`` writing there). A folder set aside by a swap that was killed before the
+    new folder took its place (``.NAME.partial-old-*`` or ``NAME.zarr.old`` with no ``NAME``) is
+    put back."""
+    for p in sorted(out_dir.iterdir()):
+        found = _engine_temporary(p)
+        if found is None:
+            continue
+        kind, pid = found
+        if pid is not None and pid != os.getpid() and _pid_alive(pid):
+            continue
+        if kind == "old":
+            m = OLD_FOLDER.match(p.name) or _LEGACY_OLD.match(p.name)
+            final = p.with_name(m["name"])
+            if not final.exists():
+                try:
+                    os.replace(p, final)
+                    logger.warning("restored '%s' from '%s', left by an interrupted run", final.name, p.name)
+                    continue
+                except OSError as exc:
+                    logger.warning("could not restore '%s' from '%s': %s", final.name, p.name, exc)
+                    continue
+        logger.info("removing '%s', left by an interrupted run", p.name)
+        if p.is_dir():
             shutil.rmtree(p, ignore_errors=True)
-        elif stale:
+        else:
             p.unlink(missing_ok=True)
 
 
@@ -273,8 +351,22 @@ def run_batch(slides_dir: str | os.PathLike[str], out_dir: str | os.PathLike[str
     started = time.perf_counter()
     base = config.replace(**settings) if isinstance(config, RunConfig) else RunConfig.load(config, **settings)
     out = ResultsLocation(out_dir)
-    with _log_file(out):
+    out.check_writable()
+    lock = contextlib.nullcontext() if out.is_url else OutputLock(out.path)
+    with lock, _log_file(out):
         return _run_batch(slides_dir, out, base, client=client, progress=progress, on_row=on_row, started=started)
+
+
+def _write_rows(out: ResultsLocation, rows: list[SummaryRow], failures: dict[str, Any] | None = None) -> None:
+    """Write ``summary.csv`` (and the failure record); a failed write stops the batch with an
+    :class:`~wsiengine.errors.OutputError` (the results written so far stay and are resumed)."""
+    try:
+        if failures is not None:
+            write_failures(out, failures)
+        write_summary(out, rows)
+    except OSError as exc:
+        raise OutputError(f"cannot write summary.csv in '{out}': {exc.strerror or exc}; the batch stops here. "
+                          "Free disk space or fix permissions, then rerun the same command to resume") from exc
 
 
 def _run_batch(slides_dir: str | os.PathLike[str], out: ResultsLocation, base: RunConfig, *, client: Any | None,
@@ -336,13 +428,12 @@ def _run_batch(slides_dir: str | os.PathLike[str], out: ResultsLocation, base: R
             failures[row.slide_id] = failure_inputs(by_id[row.slide_id], key, mpps[row.slide_id])
         else:
             failures.pop(row.slide_id, None)
-        write_failures(out, failures)
-        write_summary(out, ordered())
+        _write_rows(out, ordered(), failures)
         bar.update(1)
         if on_row is not None:
             on_row(row)
 
-    write_summary(out, ordered())
+    _write_rows(out, ordered())
     with tqdm(total=len(todo), unit="slide", disable=not progress, desc="slides") as bar:
         if todo and (distributed or n_workers > 1):
             _run_dask(todo, out, resolved, mpps, record, client=client, workers=n_workers, progress=progress)
@@ -350,7 +441,7 @@ def _run_batch(slides_dir: str | os.PathLike[str], out: ResultsLocation, base: R
             for e in todo:
                 record(process_slide(e, str(out), resolved, mpps[e.slide_id], progress))
     final = ordered()
-    write_summary(out, final)
+    _write_rows(out, final)
     counts = {s: sum(r.status == s for r in final) for s in ("done", "failed", "skipped")}
     return BatchSummary(rows=final, out_dir=Path(out.target) if not out.is_url else out.target,
                         seconds=time.perf_counter() - started, workers=n_workers, counts=counts)
