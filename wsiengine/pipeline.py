@@ -30,6 +30,13 @@ __all__ = ["embed_slide", "Pipeline", "SlideResult", "slide_id_for", "slide_attr
 logger = logging.getLogger("wsiengine")
 
 
+def log_safe(text: object) -> str:
+    """``text`` for a log line: control and other non-printable characters escaped (``\\n``,
+    ``\\x1b``), so a slide named with a newline cannot forge log lines; printable text is unchanged."""
+    text = str(text)
+    return text if text.isprintable() else "".join(c if c.isprintable() else ascii(c)[1:-1] for c in text)
+
+
 def embed_slide(
     slide: Slide,
     grid: TileGrid,
@@ -63,7 +70,8 @@ def embed_slide(
             writer.write(index, features)
             bar.update(len(index))
         path = writer.commit(timings={"embed_s": round(time.perf_counter() - started, 3)})
-    logger.info("%s: %d tiles embedded into %s in %.1f s", slide.path.name, len(grid), path, time.perf_counter() - started)
+    logger.info("%s: %d tiles embedded into %s in %.1f s", log_safe(slide.path.name), len(grid), log_safe(path),
+                time.perf_counter() - started)
     return path
 
 
@@ -343,9 +351,9 @@ class Pipeline:
                         clock.mark("report")
                     writer.commit(prediction=summary, timings=clock.seconds(), status=status)
             if not len(grid):
-                logger.warning("%s: no tissue tiles; the store records status no_tissue and no prediction", sid)
+                logger.warning("%s: no tissue tiles; the store records status no_tissue and no prediction", log_safe(sid))
             timings = clock.seconds()
-            logger.info("%s: %s in %.1f s", sid, "no tissue" if prediction is None else
+            logger.info("%s: %s in %.1f s", log_safe(sid), "no tissue" if prediction is None else
                         f"p={prediction.probability:.3f} label={prediction.label}", timings["total"])
             return SlideResult(slide_id=sid, store=store_path, geojson=published.get(".geojson"),
                                overlay=published.get(".png"), report=published.get(".report"), prediction=prediction,

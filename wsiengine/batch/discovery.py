@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import os
 from collections.abc import Iterable
 from dataclasses import dataclass
@@ -43,8 +44,12 @@ def discover_slides(root: str | os.PathLike[str], *, probe_unknown: bool = True,
 
     Ids are the path relative to ``root`` without its slide suffix, folders joined by ``__``
     (``a/b/x.svs`` -> ``a__b__x``; ``x.svs`` -> ``x``), so equal stems in different folders do
-    not collide; an id taken twice anyway gets a ``-2``, ``-3`` suffix in path order. Hidden
-    entries, Zarr stores, MIRAX data folders and ``exclude`` folders are skipped.
+    not collide. Ids are unique ignoring case (results folders may be case-insensitive) and
+    depend on the slide's own path, not on which other files are there (see :func:`_assign_ids`):
+    when several files have the same id (``x.svs`` and ``x.tif``), the first in path order keeps
+    it and each other gets its extension (``x-tif``), or, when that is another slide's id too, a
+    hash of its relative path (``x-tif-1a2b3c4d``). Hidden entries, Zarr stores, MIRAX data
+    folders and ``exclude`` folders are skipped.
     """
     root = Path(root).expanduser()
     if not root.exists():
@@ -53,8 +58,7 @@ def discover_slides(root: str | os.PathLike[str], *, probe_unknown: bool = True,
         return [SlideEntry(slide_id_for(root), root)]
     excluded = {Path(e).expanduser().resolve() for e in exclude}
     mirax_data = {p.with_suffix("") for p in root.rglob("*.mrxs")}
-    entries: list[SlideEntry] = []
-    taken: dict[str, int] = {}
+    found: list[tuple[str, Path]] = []
     for dirpath, dirnames, filenames in os.walk(root):
         here = Path(dirpath)
         dirnames[:] = sorted(d for d in dirnames if not d.startswith(".") and not d.endswith(".zarr")
@@ -69,8 +73,34 @@ def discover_slides(root: str | os.PathLike[str], *, probe_unknown: bool = True,
                 if not probe_unknown or suffix in _NOT_SLIDES or not _probe(path):
                     continue
             rel = path.relative_to(root)
-            sid = "__".join([*rel.parent.parts, slide_id_for(rel.name)])
-            count = taken.get(sid, 0) + 1
-            taken[sid] = count
-            entries.append(SlideEntry(sid if count == 1 else f"{sid}-{count}", path))
-    return entries
+            found.append(("__".join([*rel.parent.parts, slide_id_for(rel.name)]), path))
+    return [SlideEntry(sid, path) for sid, path in zip(_assign_ids(found, root), (p for _, p in found))]
+
+
+def _assign_ids(found: list[tuple[str, Path]], root: Path) -> list[str]:
+    """Unique ids (compared ignoring case) for ``(natural id, path)`` pairs in path order.
+
+    Every natural id is reserved first, so a slide whose name is ``x-2.svs`` always keeps ``x-2``
+    whatever else is in the folder. Of several slides with one natural id the first in path
+    order keeps it; each other gets ``ID-EXT`` (``x.tif`` -> ``x-tif``) or, when that is taken,
+    ``ID-EXT-HASH`` (8 hex digits of the SHA-256 of its path relative to ``root``), then a counter
+    as a last resort. A derived id depends only on the slide's own path, so adding an unrelated
+    file renames no other slide.
+    """
+    taken = {sid.casefold() for sid, _ in found}
+    first: set[str] = set()
+    ids: list[str] = []
+    for sid, path in found:
+        key = sid.casefold()
+        if key not in first:
+            first.add(key)
+            ids.append(sid)
+            continue
+        ext = "".join(ch for ch in path.name[len(slide_id_for(path.name)):].lower() if ch.isalnum()) or "slide"
+        digest = hashlib.sha256(path.relative_to(root).as_posix().encode("utf-8", "surrogateescape")).hexdigest()[:8]
+        candidates = [f"{sid}-{ext}", f"{sid}-{ext}-{digest}"]
+        candidates += (f"{sid}-{ext}-{digest}-{n}" for n in range(2, len(found) + 3))
+        new = next(c for c in candidates if c.casefold() not in taken)
+        taken.add(new.casefold())
+        ids.append(new)
+    return ids

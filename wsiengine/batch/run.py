@@ -23,7 +23,7 @@ import numpy as np
 from ..atomic import OLD_FOLDER, TEMP_FILE
 from ..config import RunConfig, physical_cores
 from ..errors import ConfigError, OutputError, WsiEngineError
-from ..pipeline import Pipeline, configured_mpp
+from ..pipeline import Pipeline, configured_mpp, log_safe
 from ..stream import bounded_as_completed
 from .discovery import SLIDE_EXTENSIONS, SlideEntry, discover_slides
 from .location import OutputLock, ResultsLocation, _pid_alive
@@ -102,7 +102,7 @@ def process_slide(entry: SlideEntry, out_dir: str, config: RunConfig, mpp: tuple
                           n_tiles=res.n_tiles, seconds=time.perf_counter() - started)
     except Exception as exc:  # noqa: BLE001 - one bad slide never stops the batch
         text = _error_text(exc, out_dir)
-        logger.error("%s failed: %s", entry.slide_id, text,
+        logger.error("%s failed: %s", log_safe(entry.slide_id), log_safe(text),
                      exc_info=not isinstance(exc, WsiEngineError) and _output_oserror(exc) is None)
         return SummaryRow(entry.slide_id, str(entry.path), "failed", seconds=time.perf_counter() - started,
                           error=text)
@@ -199,9 +199,10 @@ def _refresh_report(out: ResultsLocation, entry: SlideEntry, pipe: Pipeline, row
     try:
         pipe.write_report(out.path / f"{entry.slide_id}.zarr", out.path, slide=entry.path, slide_id=entry.slide_id)
     except Exception as exc:  # noqa: BLE001 - the slide is redone instead
-        logger.warning("%s: rewriting the report from the store failed (%s); the slide is redone", entry.slide_id, exc)
+        logger.warning("%s: rewriting the report from the store failed (%s); the slide is redone", log_safe(entry.slide_id),
+                       log_safe(exc))
         return None
-    logger.info("%s: report rewritten from the up-to-date store", entry.slide_id)
+    logger.info("%s: report rewritten from the up-to-date store", log_safe(entry.slide_id))
     return row
 
 

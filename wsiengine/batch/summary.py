@@ -19,6 +19,11 @@ __all__ = ["SUMMARY_NAME", "SUMMARY_FIELDS", "FAILURES_NAME", "SummaryRow", "Bat
 
 SUMMARY_NAME = "summary.csv"
 SUMMARY_FIELDS = ("slide_id", "path", "status", "label", "probability", "n_tiles", "seconds", "error")
+#: Text columns a spreadsheet could take as a formula; escaped on write (:func:`_escape_cell`).
+_TEXT_FIELDS = ("slide_id", "path", "status", "label", "error")
+#: First characters that make a spreadsheet cell a formula (OWASP CSV injection), fullwidth forms included;
+#: a newline too, as a carriage return may be read back as one.
+_FORMULA_STARTS = frozenset("=+-@\t\r\n\uff1d\uff0b\uff0d\uff20")
 #: What each failed slide was tried with (so a rerun retries it only when something changed).
 FAILURES_NAME = ".wsiengine-failures.json"
 
@@ -41,7 +46,21 @@ class SummaryRow:
         row["probability"] = "" if self.probability is None else f"{self.probability:.6f}"
         row["n_tiles"] = "" if self.n_tiles is None else self.n_tiles
         row["seconds"] = "" if self.seconds is None else f"{self.seconds:.2f}"
+        for name in _TEXT_FIELDS:
+            row[name] = _escape_cell(row[name])
         return row
+
+
+def _escape_cell(value: str) -> str:
+    """``value`` made safe to open in a spreadsheet: a text starting with ``=``, ``+``, ``-``,
+    ``@``, a tab, a carriage return or a newline (after any single quotes) gets a leading ``'``, as OWASP
+    recommends, so it is never run as a formula; :func:`_unescape_cell` undoes it exactly."""
+    return "'" + value if value.lstrip("'")[:1] in _FORMULA_STARTS else value
+
+
+def _unescape_cell(value: str) -> str:
+    """The real value of a cell written by :func:`_escape_cell`."""
+    return value[1:] if value.startswith("'") and value.lstrip("'")[:1] in _FORMULA_STARTS else value
 
 
 @dataclass
@@ -70,16 +89,17 @@ def read_summary(path: str | os.PathLike[str] | ResultsLocation) -> list[Summary
         p = Path(path)
         if p.is_dir():
             p = p / SUMMARY_NAME
-        text = p.read_text(encoding="utf-8") if p.is_file() else None
+        text = p.read_bytes().decode("utf-8") if p.is_file() else None  # no newline translation: csv handles them
     if not text:
         return []
     rows = []
-    for r in csv.DictReader(io.StringIO(text)):
+    for r in csv.DictReader(io.StringIO(text, newline="")):
+        r = {k: _unescape_cell(v) if k in _TEXT_FIELDS and isinstance(v, str) else v for k, v in r.items()}
         rows.append(SummaryRow(
-            slide_id=r["slide_id"], path=r["path"], status=r["status"], label=r.get("label", ""),
+            slide_id=r["slide_id"], path=r["path"], status=r["status"], label=r.get("label", "") or "",
             probability=float(r["probability"]) if r.get("probability") else None,
             n_tiles=int(r["n_tiles"]) if r.get("n_tiles") else None,
-            seconds=float(r["seconds"]) if r.get("seconds") else None, error=r.get("error", "")))
+            seconds=float(r["seconds"]) if r.get("seconds") else None, error=r.get("error", "") or ""))
     return rows
 
 

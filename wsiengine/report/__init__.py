@@ -23,6 +23,7 @@ import hashlib
 import json
 import logging
 import os
+import re
 import shutil
 import time
 from dataclasses import dataclass
@@ -162,7 +163,8 @@ def make_report(store: "str | os.PathLike[str] | ResultStore", out_dir: str | os
         Labelled tiles for the few-shot second opinion (an ``.npz`` or a folder of class folders;
         a folder needs ``encoder``); default ``config.tile_bank``.
     slide_id : str, optional
-        Names the files (default: the store's recorded id).
+        Names the files; one file name, no folders (default: the store's recorded id when it is a
+        safe file name, else the store folder's name without ``.zarr``: a store may come from anyone).
     write : bool
         False builds the document without writing files or evidence PNGs.
     key : str, optional
@@ -173,7 +175,9 @@ def make_report(store: "str | os.PathLike[str] | ResultStore", out_dir: str | os
     Raises
     ------
     ReportError
-        The store cannot support a report (no resolution recorded) or the files cannot be written.
+        The store cannot support a report (no resolution recorded), the files cannot be written,
+        ``slide_id`` is not one file name, or ``SLIDE_ID.report/`` exists and is not a report
+        folder wsiengine wrote (it is never deleted).
     RemoteEndpointError
         ``vlm`` points off this machine without ``allow_remote``.
     """
@@ -196,7 +200,7 @@ def make_report(store: "str | os.PathLike[str] | ResultStore", out_dir: str | os
 
             client = VLMClient(vlm)  # refuses remote endpoints before any work
     result = store if isinstance(store, ResultStore) else open_result(store)
-    sid = slide_id or result.attrs.get("slide_id") or Path(str(result.path)).name.split(".zarr")[0]
+    sid = _report_id(result, slide_id)
     out = Path(out_dir) if out_dir is not None else Path(str(result.path)).parent
     if reference == "auto":
         reference = _load_reference(result)
@@ -251,7 +255,9 @@ def make_report(store: "str | os.PathLike[str] | ResultStore", out_dir: str | os
         narrative = {"text": template_narrative(findings), "source": "template", "vlm": None}
         if client is not None:
             info = result.slide
-            forbidden = [s for s in (sid, info.get("name"), Path(info.get("path", "")).stem) if s]
+            recorded = result.attrs.get("slide_id")
+            forbidden = [s for s in (sid, recorded if isinstance(recorded, str) else None, info.get("name"),
+                                     Path(info.get("path", "")).stem) if s]
             narration = client.narrate(findings, images=[tmp / "assets" / Path(p).name for p in images["evidence"]],
                                        forbidden_strings=forbidden)
             narrative["vlm"] = narration.to_dict()
@@ -306,9 +312,90 @@ def _document(result: "ResultStore", sid: str, findings: dict[str, Any], narrati
     }
 
 
+#: Longest report id, in UTF-8 bytes: with ``.{id}.report.partial-PID`` it stays under the usual 255-byte name limit.
+_MAX_ID_BYTES = 200
+#: The files an assets folder of ours holds; a folder with anything else was not written by wsiengine.
+_ASSET_NAME = re.compile(r"(thumbnail|heatmap|evidence-\d+)\.png")
+
+
+def _unsafe_component(name: object, *, strict: bool) -> str | None:
+    """Why ``name`` cannot name report files in the output folder (None when it can).
+
+    Always: a non-empty string that is one path component (no ``/`` or other separator of this
+    system, not ``.`` or ``..``, no NUL). ``strict`` (ids read from a store, which may come from
+    anyone) also refuses ``\\``, a leading dot, control or other non-printable characters and
+    names over :data:`_MAX_ID_BYTES` bytes.
+    """
+    if not isinstance(name, str):
+        return "it is not text"
+    if not name:
+        return "it is empty"
+    if "/" in name or os.sep in name or (os.altsep and os.altsep in name) or (strict and "\\" in name):
+        return "it contains a path separator"
+    if name in (".", "..") or "\0" in name:
+        return "it is not a file name"
+    if strict:
+        if name.startswith("."):
+            return "it starts with a dot"
+        if not name.isprintable():
+            return "it contains control characters"
+        if len(name.encode("utf-8", "surrogateescape")) > _MAX_ID_BYTES:
+            return f"it is longer than {_MAX_ID_BYTES} bytes"
+    return None
+
+
+def _report_id(result: "ResultStore", slide_id: str | None) -> str:
+    """The id the report files are named by: ``slide_id`` if given (refused when it is not one
+    file name), else the store's recorded id when it is a safe file name, else the store folder's
+    own name without ``.zarr`` (made safe). A recorded id is untrusted input: a received store
+    must never name files outside the output folder, hidden files or another path."""
+    if slide_id:
+        why = _unsafe_component(slide_id, strict=False)
+        if why:
+            raise ReportError(f"cannot name report files by slide_id {slide_id!r}: {why}. "
+                              "Pass a plain file name (no folders).")
+        return slide_id
+    folder = Path(str(result.path).rstrip("/\\")).name
+    recorded = result.attrs.get("slide_id")
+    if recorded is not None:
+        why = _unsafe_component(recorded, strict=True)
+        if why is None:
+            return recorded
+        logger.warning("%s: the recorded slide_id %s is not a safe file name (%s); the report is named "
+                       "after the store folder", ascii(folder), ascii(recorded), why)
+    name = folder[: -len(".zarr")] if folder.lower().endswith(".zarr") else folder
+    name = "".join(ch if ch.isprintable() and ch not in "/\\" else "_" for ch in name).lstrip(".")
+    while len(name.encode("utf-8", "surrogateescape")) > _MAX_ID_BYTES:
+        name = name[:-1]
+    return name or "slide"
+
+
+def _check_replaceable(assets: Path) -> None:
+    """Refuse to replace ``assets`` unless it is a report assets folder wsiengine wrote: a real
+    folder (not a link) holding only regular files named like ours (``thumbnail.png``,
+    ``heatmap.png``, ``evidence-NN.png``). Anything else may be the user's; it is never deleted."""
+    if not os.path.lexists(assets):
+        return
+    why = None
+    if assets.is_symlink() or not assets.is_dir():
+        why = "it is not a folder" if not assets.is_symlink() else "it is a link"
+    else:
+        with os.scandir(assets) as entries:
+            for entry in entries:
+                if not _ASSET_NAME.fullmatch(entry.name) or not entry.is_file(follow_symlinks=False):
+                    why = f"it holds {entry.name!r}, which wsiengine does not write"
+                    break
+    if why:
+        raise ReportError(f"cannot write the report: '{assets}' already exists and is not a report folder "
+                          f"wsiengine wrote ({why}); it is left untouched. Move it away or choose another "
+                          "output folder.")
+
+
 def _publish(tmp: Path, out: Path, sid: str) -> tuple[Path, Path, Path]:
-    """Move the assets folder, the Markdown and last the JSON (the completion marker) into place."""
+    """Move the assets folder, the Markdown and last the JSON (the completion marker) into place.
+    An existing assets folder is replaced only if wsiengine wrote it (:func:`_check_replaceable`)."""
     assets, md, js = out / f"{sid}.report", out / f"{sid}.report.md", out / f"{sid}.report.json"
+    _check_replaceable(assets)
     replace_directory(tmp / "assets", assets)
     os.replace(tmp / "report.md", md)
     os.replace(tmp / "report.json", js)
