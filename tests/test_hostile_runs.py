@@ -243,3 +243,23 @@ def test_ctrl_c_says_how_to_resume(slides, tmp_path, monkeypatch, capsys):
     monkeypatch.setattr(wsiengine.batch, "run_batch", interrupted)
     assert main(["run", str(slides), "-o", str(tmp_path / "out")]) == 130
     assert "interrupted; rerun the same command to resume" in capsys.readouterr().err
+
+
+def test_a_slide_past_its_time_budget_fails_and_the_batch_goes_on(tmp_path, cmu_small):
+    """A per-slide budget (slide_timeout_s): the slow slide fails with SlideTimeoutError, nothing
+    of it is published, and the next slide is processed."""
+    import shutil
+
+    import wsiengine as we
+
+    folder = tmp_path / "in"
+    folder.mkdir()
+    shutil.copy(cmu_small, folder / "a.svs")
+    shutil.copy(cmu_small, folder / "b.svs")
+    out = tmp_path / "out"
+    summary = we.run_batch(folder, out, workers=1, report=False, slide_timeout_s=1e-6)
+    assert [r.status for r in summary.rows] == ["failed", "failed"]
+    assert all(r.error.startswith("SlideTimeoutError: the slide took more than") for r in summary.rows)
+    assert not list(out.glob("*.zarr")) and not list(out.glob("*.geojson")) and not list(out.glob("*.png"))
+    again = we.run_batch(folder, out, workers=1, report=False, slide_timeout_s=600, retry_failed=True)
+    assert [r.status for r in again.rows] == ["done", "done"]

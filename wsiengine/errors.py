@@ -16,6 +16,7 @@ __all__ = [
     "MissingMppError",
     "ResolutionError",
     "NoTissueError",
+    "SlideTimeoutError",
     "ConfigError",
     "InputError",
     "AnnotationError",
@@ -170,3 +171,7 @@ class VLMError(WsiEngineError):
 
     Reports never fail on it: they fall back to the template and record the failure as a flag.
     """
+
+
+class SlideTimeoutError(WsiEngineError):
+    """A slide took longer than the run's per-slide time budget (``slide_timeout_s``)."""

@@ -15,7 +15,7 @@ import numpy as np
 from .aggregate import MILHead, SlidePrediction, default_head_path
 from .config import RunConfig, SlideConfig, StreamConfig
 from .encode import Encoder
-from .errors import ConfigError
+from .errors import ConfigError, SlideTimeoutError
 from .resolve import resolve_config
 from .slide import Slide, open_slide, slide_id_for
 from .store import FeatureWriter
@@ -304,7 +304,8 @@ class Pipeline:
     def run(self, slide: str | os.PathLike[str] | Slide, out: str | os.PathLike[str], *,
             slide_id: str | None = None, mpp: tuple[float, float] | float | None = None,
             progress: bool = False, embed: EmbedFunction | None = None,
-            results_dir: str | os.PathLike[str] | None | Any = _GIVEN_BY_CONFIG) -> SlideResult:
+            results_dir: str | os.PathLike[str] | None | Any = _GIVEN_BY_CONFIG,
+            timeout_s: float | None = None) -> SlideResult:
         """Process one slide into ``out/`` (created). Outputs are written under temporary names;
         the GeoJSON and overlay are renamed into place first and the store last, so a complete
         ``SLIDE_ID.zarr`` marks a finished slide and an interrupted run leaves none.
@@ -313,12 +314,13 @@ class Pipeline:
         features)`` pairs covering every grid row once (``wsiengine.batch`` passes one that
         spreads tile chunks over a Dask cluster). ``results_dir``: the folder the store's
         ``path_from_results`` is relative to (default ``out``; None records none, for outputs
-        staged here and uploaded elsewhere).
+        staged here and uploaded elsewhere). ``timeout_s``: the slide's time budget, checked
+        between stages and embedding batches (:class:`~wsiengine.errors.SlideTimeoutError`).
 
         Raises the stage's error (:class:`~wsiengine.errors.SlideOpenError`,
         :class:`~wsiengine.errors.MissingMppError`, ...) with nothing published.
         """
-        clock = _Clock()
+        clock = _Clock(timeout_s)
         own = not isinstance(slide, Slide)
         slide_obj = self.open(slide, mpp=mpp) if own else slide
         try:
@@ -331,7 +333,7 @@ class Pipeline:
             relative_to = out_dir if results_dir is _GIVEN_BY_CONFIG else results_dir
             with FeatureWriter(store_path, grid, self.encoder.embed_dim,
                                attrs=self._store_attrs(slide_obj, sid, relative_to)) as writer:
-                self._embed(slide_obj, grid, writer, sid, progress, embed)
+                self._embed(slide_obj, grid, writer, sid, progress, embed, clock)
                 clock.mark("embed")
                 prediction = self._predict(writer, grid)
                 clock.mark("mil")
@@ -348,7 +350,7 @@ class Pipeline:
                         writer.group.attrs.update(prediction=summary, status=status)
                         published[".report"] = self.write_report(ResultStore(store_path, writer.group), out_dir,
                                                                  slide=slide_obj, slide_id=sid)
-                        clock.mark("report")
+                        clock.mark("report", check=False)
                     writer.commit(prediction=summary, timings=clock.seconds(), status=status)
             if not len(grid):
                 logger.warning("%s: no tissue tiles; the store records status no_tissue and no prediction", log_safe(sid))
@@ -368,7 +370,7 @@ class Pipeline:
                 "encoder": self.encoder.describe(), "mil": self._mil_provenance(), "config_key": self.config.key()}
 
     def _embed(self, slide: Slide, grid: TileGrid, writer: FeatureWriter, sid: str, progress: bool,
-               embed: EmbedFunction | None) -> None:
+               embed: EmbedFunction | None, clock: "_Clock") -> None:
         from tqdm.auto import tqdm
 
         if not len(grid):
@@ -380,6 +382,7 @@ class Pipeline:
             for index, features in batches:
                 writer.write(index, features)
                 bar.update(len(index))
+                clock.check("embedding")
 
     def _predict(self, writer: FeatureWriter, grid: TileGrid) -> SlidePrediction | None:
         if self.mil is None or not len(grid):
@@ -485,17 +488,28 @@ class _Staged:
 
 
 class _Clock:
-    """Seconds per stage of one run (``open``, ``tiling``, ``embed``, ``mil``, ``outputs``,
-    ``report``, ``total``)."""
+    """Seconds per stage of one run (``open``, ``tissue``, ``tiling``, ``embed``, ``mil``,
+    ``outputs``, ``report``, ``total``), and the slide's time budget: past ``timeout_s``,
+    :meth:`mark` and :meth:`check` raise :class:`~wsiengine.errors.SlideTimeoutError`."""
 
-    def __init__(self) -> None:
+    def __init__(self, timeout_s: float | None = None) -> None:
         self.start = self.last = time.perf_counter()
         self.stages: dict[str, float] = {}
+        self.timeout_s = timeout_s
 
-    def mark(self, stage: str) -> None:
+    def mark(self, stage: str, *, check: bool = True) -> None:
+        """End ``stage``; then, with ``check``, enforce the budget (never once outputs are published)."""
         now = time.perf_counter()
         self.stages[stage] = round(now - self.last, 3)
         self.last = now
+        if check:
+            self.check(stage)
+
+    def check(self, stage: str) -> None:
+        if self.timeout_s is not None and time.perf_counter() - self.start > self.timeout_s:
+            raise SlideTimeoutError(
+                f"the slide took more than {self.timeout_s:g} s (slide_timeout_s), stopped during or after {stage}; "
+                "nothing of it was published. Raise --slide-timeout-s, or check the file (a huge or damaged slide)")
 
     def seconds(self) -> dict[str, float]:
         return {**self.stages, "total": round(self.last - self.start, 3)}

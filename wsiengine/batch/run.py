@@ -93,7 +93,8 @@ def process_slide(entry: SlideEntry, out_dir: str, config: RunConfig, mpp: tuple
         if out.is_url:
             staging = Path(tempfile.mkdtemp(prefix=f"wsiengine-{entry.slide_id}-"))
         res = pipe.run(entry.path, out=staging or out.path, slide_id=entry.slide_id, mpp=mpp, progress=progress,
-                       embed=embed, results_dir=None if staging is not None else out.path)
+                       embed=embed, results_dir=None if staging is not None else out.path,
+                       timeout_s=config.batch.slide_timeout_s)
         if staging is not None:
             out.publish(staging, entry.slide_id)
         label = pipe.mil.class_names[res.label] if res.prediction is not None else (

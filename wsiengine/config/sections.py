@@ -501,6 +501,8 @@ class BatchConfig(_Section):
         Tiles per worker task when a slide's tiles are split across workers.
     retry_failed : bool
         Rerun slides that failed in an earlier run even when nothing about them changed.
+    slide_timeout_s : float, optional
+        Seconds one slide may take; past it the slide fails with SlideTimeoutError and the batch goes on (none: no limit).
     """
 
     workers: int | None = None
@@ -508,8 +510,11 @@ class BatchConfig(_Section):
     parallel: Literal["auto", "slides", "chunks"] = "auto"
     chunk_tiles: int = 1024
     retry_failed: bool = False
+    slide_timeout_s: float | None = 7200.0
 
     def __post_init__(self) -> None:
+        if self.slide_timeout_s is not None:
+            _positive("slide_timeout_s", self.slide_timeout_s)
         if self.workers is not None:
             _positive("workers", self.workers)
         _positive("chunk_tiles", self.chunk_tiles)
