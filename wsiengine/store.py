@@ -29,6 +29,7 @@ replaces. :func:`open_result` reads a committed store back as a :class:`ResultSt
 from __future__ import annotations
 
 import logging
+import math
 import os
 import shutil
 import time
@@ -226,6 +227,7 @@ def open_store(path: str | os.PathLike[str]):
         group = zarr.open_group(text if url else str(p), mode="r")
     except Exception as exc:  # noqa: BLE001 - zarr raises several types for a folder that is not a group
         raise StoreError(f"'{p}' is not a wsiengine result store (not a Zarr group: {type(exc).__name__}: {exc})") from exc
+    verify_attributes(dict(group.attrs), p.name)
     version = int(group.attrs.get("schema_version", -1))
     if version > SCHEMA_VERSION:
         raise StoreError(f"'{p.name}' has schema version {version}; this wsiengine reads up to {SCHEMA_VERSION}. Upgrade wsiengine.")
@@ -233,6 +235,85 @@ def open_store(path: str | os.PathLike[str]):
         raise StoreError(f"'{p.name}' is incomplete (its run did not finish); rerun the slide")
     verify_store(group, p.name)
     return group
+
+
+# -- the attributes a store's readers rely on, checked before any is used ----------------------
+_INT, _NUM, _STR, _BOOL = "integer", "number", "string", "boolean"
+
+
+def _is_kind(value: Any, kind: Any) -> bool:
+    if isinstance(kind, tuple):  # (element kind, length): a fixed-length list
+        return (isinstance(value, list) and len(value) == kind[1]
+                and all(_is_kind(v, kind[0]) for v in value))
+    if kind == _INT:
+        return isinstance(value, int) and not isinstance(value, bool)
+    if kind == _NUM:
+        return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+    if kind == _STR:
+        return isinstance(value, str)
+    if kind == _BOOL:
+        return isinstance(value, bool)
+    return isinstance(value, kind)  # dict, list
+
+
+#: ``{key: (kind, required)}`` at the top level and in each recorded section; a kind may end in
+#: ``?`` (None allowed). Extra keys are allowed (newer minor versions, user additions).
+_ATTRIBUTES: dict[str, tuple[Any, bool]] = {
+    "schema_version": (_INT, False), "n_tiles": (_INT, False), "embed_dim": (_INT, False), "complete": (_BOOL, False),
+    "status": (_STR, False), "config_key": (_STR + "?", False),  # slide_id: sanitised where it names files
+    "slide": (dict, False), "grid": (dict, True), "config": (dict, False), "encoder": (dict, False),
+    "mil": ("dict?", False), "prediction": ("dict?", False), "timings": (dict, False),
+}
+_SECTIONS: dict[str, dict[str, tuple[Any, bool]]] = {
+    "slide": {"path": (_STR + "?", False), "path_from_results": (_STR + "?", False), "name": (_STR, False),
+              "dimensions": ((_INT, 2), False), "mpp": ((_NUM, 2), False), "mpp_source": (_STR, False),
+              "backend": (_STR, False), "vendor": (_STR + "?", False), "fingerprint": (_STR, False)},
+    "grid": {"grid_shape": ((_INT, 2), True), "target_mpp": (_NUM, True), "tile_px": (_INT, True),
+             "overlap_px": (_INT, False), "read_level": (_INT, True), "read_size": ((_INT, 2), True),
+             "stride_level_px": ((_INT, 2), False), "tile_size_level0": ((_NUM, 2), True),
+             "slide_dimensions": ((_INT, 2), True), "slide_mpp": ((_NUM, 2), True)},
+    "encoder": {"spec": (dict, False), "file": (_STR, False), "sha256": (_STR + "?", False), "providers": (list, False)},
+    "mil": {"name": (_STR + "?", False), "model": (_STR + "?", False), "path": (_STR + "?", False),
+            "sha256": (_STR + "?", False), "threshold": (_NUM, False), "class_names": ((_STR, 2), False),
+            "target_mpp": (_NUM + "?", False), "tile_px": (_INT + "?", False)},
+    "prediction": {"probability": (_NUM, True), "label": (_INT, True), "label_name": (_STR, False),
+                   "threshold": (_NUM, False), "n_tiles": (_INT, False), "top_attention_tile": (_INT, False)},
+}
+
+
+def _check_entries(values: dict[str, Any], schema: dict[str, tuple[Any, bool]], where: str) -> list[str]:
+    problems = []
+    for key, (kind, required) in schema.items():
+        if key not in values:
+            if required:
+                problems.append(f"{where}{key} is missing")
+            continue
+        value = values[key]
+        optional = isinstance(kind, str) and kind.endswith("?")
+        base = {"dict?": dict}.get(kind, kind[:-1] if optional else kind) if isinstance(kind, str) else kind
+        if value is None and optional:
+            continue
+        if not _is_kind(value, base):
+            want = (f"{base[1]} {base[0]}s" if isinstance(base, tuple) else getattr(base, "__name__", base))
+            problems.append(f"{where}{key} should be {want}, got {str(value)[:40]!r}")
+    return problems
+
+
+def verify_attributes(attrs: dict[str, Any], name: str = "store") -> None:
+    """Check the attributes a store's readers use (types, list lengths, finite numbers) before any
+    is used: a received store is untrusted. Raises :class:`~wsiengine.errors.StoreError` naming
+    each bad entry."""
+    problems = _check_entries(attrs, _ATTRIBUTES, "")
+    for section, schema in _SECTIONS.items():
+        value = attrs.get(section)
+        if isinstance(value, dict):
+            problems += _check_entries(value, schema, f"{section}.")
+    spec = (attrs.get("encoder") or {}).get("spec") if isinstance(attrs.get("encoder"), dict) else None
+    if isinstance(spec, dict) and "name" in spec and not isinstance(spec["name"], str):
+        problems.append(f"encoder.spec.name should be string, got {str(spec['name'])[:40]!r}")
+    if problems:
+        raise StoreError(f"'{name}' has damaged metadata ({'; '.join(problems[:8])}"
+                         f"{'; ...' if len(problems) > 8 else ''}); rerun the slide (wsiengine run redoes it)")
 
 
 def _shape(group: Any, name: str) -> tuple[int, ...] | None:
