@@ -263,3 +263,54 @@ def test_a_slide_past_its_time_budget_fails_and_the_batch_goes_on(tmp_path, cmu_
     assert not list(out.glob("*.zarr")) and not list(out.glob("*.geojson")) and not list(out.glob("*.png"))
     again = we.run_batch(folder, out, workers=1, report=False, slide_timeout_s=600, retry_failed=True)
     assert [r.status for r in again.rows] == ["done", "done"]
+
+
+def test_a_rerun_restores_deleted_side_outputs_and_report_images(tmp_path, cmu_small):
+    import shutil
+
+    import wsiengine as we
+
+    folder = tmp_path / "in"
+    folder.mkdir()
+    shutil.copy(cmu_small, folder / "a.svs")
+    out = tmp_path / "out"
+    assert we.run_batch(folder, out, workers=1).counts["done"] == 1
+    assert we.open_result(out / "a.zarr").attrs["outputs"] == ["a.geojson", "a.heatmap.png"]
+    (out / "a.geojson").unlink()
+    again = we.run_batch(folder, out, workers=1)
+    assert again.counts["done"] == 1 and (out / "a.geojson").is_file()  # redone: the store lists it
+    (out / "a.report" / "evidence-03.png").unlink()  # e.g. a run killed while the folder was swapped
+    stamp = (out / "a.zarr" / "zarr.json").stat().st_mtime_ns
+    third = we.run_batch(folder, out, workers=1)
+    assert third.counts["skipped"] == 1 and (out / "a.report" / "evidence-03.png").is_file()
+    assert (out / "a.zarr" / "zarr.json").stat().st_mtime_ns == stamp  # the report was rewritten from the store
+
+
+def test_symlinked_folders_are_followed_once(tmp_path, cmu_small):
+    import shutil
+
+    from wsiengine.batch import discover_slides
+
+    real = tmp_path / "elsewhere" / "cases"
+    real.mkdir(parents=True)
+    shutil.copy(cmu_small, real / "b.svs")
+    root = tmp_path / "slides"
+    root.mkdir()
+    (root / "linked").symlink_to(real, target_is_directory=True)
+    (real / "loop").symlink_to(real, target_is_directory=True)  # a cycle
+    assert [e.slide_id for e in discover_slides(root)] == ["linked__b"]
+
+
+def test_a_failing_report_leaves_nothing_of_the_slide(tmp_path, cmu_small, monkeypatch):
+    import wsiengine as we
+    from wsiengine.errors import ReportError
+
+    pipe = we.Pipeline()
+
+    def broken(*args, **kwargs):
+        raise ReportError("simulated")
+
+    monkeypatch.setattr(pipe, "write_report", broken)
+    with pytest.raises(ReportError):
+        pipe.run(cmu_small, out=tmp_path / "out")
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == []

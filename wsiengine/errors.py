@@ -175,3 +175,10 @@ class VLMError(WsiEngineError):
 
 class SlideTimeoutError(WsiEngineError):
     """A slide took longer than the run's per-slide time budget (``slide_timeout_s``)."""
+
+
+def log_safe(text: object) -> str:
+    """``text`` for a log line: control and other non-printable characters escaped (``\\n``,
+    ``\\x1b``), so a slide named with a newline cannot forge log lines; printable text is unchanged."""
+    text = str(text)
+    return text if text.isprintable() else "".join(c if c.isprintable() else ascii(c)[1:-1] for c in text)

@@ -15,7 +15,7 @@ import numpy as np
 from .aggregate import MILHead, SlidePrediction, default_head_path
 from .config import RunConfig, SlideConfig, StreamConfig
 from .encode import Encoder
-from .errors import ConfigError, SlideTimeoutError
+from .errors import ConfigError, SlideTimeoutError, log_safe
 from .resolve import resolve_config
 from .slide import Slide, open_slide, slide_id_for
 from .store import FeatureWriter
@@ -28,13 +28,6 @@ __all__ = ["embed_slide", "Pipeline", "SlideResult", "slide_id_for", "slide_attr
            "load_mil"]
 
 logger = logging.getLogger("wsiengine")
-
-
-def log_safe(text: object) -> str:
-    """``text`` for a log line: control and other non-printable characters escaped (``\\n``,
-    ``\\x1b``), so a slide named with a newline cannot forge log lines; printable text is unchanged."""
-    text = str(text)
-    return text if text.isprintable() else "".join(c if c.isprintable() else ascii(c)[1:-1] for c in text)
 
 
 def embed_slide(
@@ -343,15 +336,19 @@ class Pipeline:
                 with _Staged(out_dir) as staged:
                     self._side_outputs(staged, sid, slide_obj, mask, grid, prediction, rasters)
                     clock.mark("outputs")
-                    published = staged.publish()
-                    if self.report:
+                    report = None
+                    if self.report:  # first: a report that fails leaves nothing of this run behind
                         from .store import ResultStore
 
                         writer.group.attrs.update(prediction=summary, status=status)
-                        published[".report"] = self.write_report(ResultStore(store_path, writer.group), out_dir,
-                                                                 slide=slide_obj, slide_id=sid)
+                        report = self.write_report(ResultStore(store_path, writer.group), out_dir, slide=slide_obj,
+                                                   slide_id=sid)
                         clock.mark("report", check=False)
-                    writer.commit(prediction=summary, timings=clock.seconds(), status=status)
+                    published = staged.publish()
+                    writer.commit(prediction=summary, timings=clock.seconds(), status=status,
+                                  outputs=sorted(p.name for p in published.values()))
+                    if report is not None:
+                        published[".report"] = report
             if not len(grid):
                 logger.warning("%s: no tissue tiles; the store records status no_tissue and no prediction", log_safe(sid))
             timings = clock.seconds()
@@ -471,7 +468,8 @@ class _Staged:
         return tmp
 
     def publish(self) -> dict[str, Path]:
-        """Rename every staged file into place; ``{suffix: final path}``."""
+        """Rename every staged file into place; ``{suffix: final path}`` (the store records the
+        names, so a rerun redoes a slide whose GeoJSON or overlay was deleted)."""
         published = {}
         for tmp, final in self.files:
             if tmp.exists():

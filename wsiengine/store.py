@@ -262,7 +262,7 @@ _ATTRIBUTES: dict[str, tuple[Any, bool]] = {
     "schema_version": (_INT, False), "n_tiles": (_INT, False), "embed_dim": (_INT, False), "complete": (_BOOL, False),
     "status": (_STR, False), "config_key": (_STR + "?", False),  # slide_id: sanitised where it names files
     "slide": (dict, False), "grid": (dict, True), "config": (dict, False), "encoder": (dict, False),
-    "mil": ("dict?", False), "prediction": ("dict?", False), "timings": (dict, False),
+    "mil": ("dict?", False), "prediction": ("dict?", False), "timings": (dict, False), "outputs": (list, False),
 }
 _SECTIONS: dict[str, dict[str, tuple[Any, bool]]] = {
     "slide": {"path": (_STR + "?", False), "path_from_results": (_STR + "?", False), "name": (_STR, False),

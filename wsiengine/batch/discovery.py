@@ -3,15 +3,18 @@
 from __future__ import annotations
 
 import hashlib
+import logging
 import os
 from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
-from ..errors import ConfigError
+from ..errors import ConfigError, log_safe
 from ..slide import slide_id_for
 
 __all__ = ["SLIDE_EXTENSIONS", "SlideEntry", "discover_slides"]
+
+logger = logging.getLogger("wsiengine")
 
 #: File extensions taken as slides without probing (case-insensitive).
 SLIDE_EXTENSIONS = frozenset({".svs", ".tif", ".tiff", ".ndpi", ".vms", ".vmu", ".scn", ".mrxs", ".svslide",
@@ -49,7 +52,8 @@ def discover_slides(root: str | os.PathLike[str], *, probe_unknown: bool = True,
     when several files have the same id (``x.svs`` and ``x.tif``), the first in path order keeps
     it and each other gets its extension (``x-tif``), or, when that is another slide's id too, a
     hash of its relative path (``x-tif-1a2b3c4d``). Hidden entries, Zarr stores, MIRAX data
-    folders and ``exclude`` folders are skipped.
+    folders and ``exclude`` folders are skipped; symlinked folders are followed, each real
+    folder once (a link back to a folder already searched is logged and skipped).
     """
     root = Path(root).expanduser()
     if not root.exists():
@@ -59,11 +63,19 @@ def discover_slides(root: str | os.PathLike[str], *, probe_unknown: bool = True,
     excluded = {Path(e).expanduser().resolve() for e in exclude}
     mirax_data = {p.with_suffix("") for p in root.rglob("*.mrxs")}
     found: list[tuple[str, Path]] = []
-    for dirpath, dirnames, filenames in os.walk(root):
+    visited = {root.resolve()}
+    for dirpath, dirnames, filenames in os.walk(root, followlinks=True):
         here = Path(dirpath)
         dirnames[:] = sorted(d for d in dirnames if not d.startswith(".") and not d.endswith(".zarr")
                              and not d.endswith(".partial") and (here / d).resolve() not in excluded
                              and here / d not in mirax_data)
+        for d in list(dirnames):  # symlinked folders are followed, each real folder once (no cycles)
+            real = (here / d).resolve()
+            if real in visited:
+                logger.warning("%s: skipped, a link to a folder already searched (%s)", log_safe(here / d), log_safe(real))
+                dirnames.remove(d)
+            else:
+                visited.add(real)
         for name in sorted(filenames):
             if name.startswith("."):
                 continue

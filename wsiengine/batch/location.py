@@ -75,6 +75,20 @@ class ResultsLocation:
             with atomic_write(self.path / name) as fh:
                 fh.write(data)
 
+    def read_bytes_size(self, name: str) -> int | None:
+        """The size of ``name`` (bytes), or None when it is not a file there. ``name`` is one
+        relative path under the results: an absolute path or ``..`` is never looked up."""
+        if Path(name).is_absolute() or ".." in Path(name).parts:
+            return None
+        try:
+            if self.is_url:
+                info = self.fs.info(f"{self.root}/{name}")
+                return int(info["size"]) if info.get("type") == "file" else None
+            p = self.path / name
+            return p.stat().st_size if p.is_file() else None
+        except (OSError, FileNotFoundError, KeyError):
+            return None
+
     def read_text(self, name: str) -> str | None:
         try:
             if self.is_url:

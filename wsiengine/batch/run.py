@@ -22,8 +22,8 @@ import numpy as np
 
 from ..atomic import OLD_FOLDER, TEMP_FILE
 from ..config import RunConfig, physical_cores
-from ..errors import ConfigError, OutputError, WsiEngineError
-from ..pipeline import Pipeline, configured_mpp, log_safe
+from ..errors import ConfigError, OutputError, WsiEngineError, log_safe
+from ..pipeline import Pipeline, configured_mpp
 from ..stream import bounded_as_completed
 from .discovery import SLIDE_EXTENSIONS, SlideEntry, discover_slides
 from .location import OutputLock, ResultsLocation, _pid_alive
@@ -151,10 +151,12 @@ def chunked_embedder(client: Any, config: RunConfig, path: Path, mpp: tuple[floa
     return embed
 
 
-def _complete_result(store: str, key: str, path: Path, mpp: tuple[float, float] | None = None) -> SummaryRow | None:
+def _complete_result(store: str, key: str, path: Path, mpp: tuple[float, float] | None = None,
+                     out: ResultsLocation | None = None) -> SummaryRow | None:
     """The row of a finished, up-to-date result, or None when the slide must be (re)done: a
     missing or incomplete store, another configuration key, another slide file (fingerprint),
-    or a user-given mpp (``mpp_csv``) that changed for a slide whose mpp came from the user."""
+    a user-given mpp that changed for a slide whose mpp came from the user, or a side output
+    the store records (GeoJSON, overlay) that is no longer in ``out``."""
     from ..store import open_result, slide_fingerprint
 
     try:
@@ -172,6 +174,9 @@ def _complete_result(store: str, key: str, path: Path, mpp: tuple[float, float] 
             return None
     except OSError:
         return None
+    recorded = result.attrs.get("outputs") or []
+    if out is not None and any(isinstance(n, str) and out.read_bytes_size(n) is None for n in recorded):
+        return None
     pred = result.prediction or {}
     return SummaryRow(result.path.name.removesuffix(".zarr"), str(path), "skipped", label=pred.get("label_name", ""),
                       probability=pred.get("probability"), n_tiles=result.n_tiles,
@@ -179,7 +184,8 @@ def _complete_result(store: str, key: str, path: Path, mpp: tuple[float, float] 
 
 
 def _report_current(out: ResultsLocation, slide_id: str, pipe: Pipeline) -> bool:
-    """True when reports are off, or ``SLIDE_ID.report.json`` exists with the pipeline's report key."""
+    """True when reports are off, or ``SLIDE_ID.report.json`` exists with the pipeline's report key
+    and the Markdown and every image it lists exist too (a run killed mid-swap, a deleted file)."""
     import json
 
     wanted = pipe.report_key()
@@ -187,9 +193,14 @@ def _report_current(out: ResultsLocation, slide_id: str, pipe: Pipeline) -> bool
         return True
     text = out.read_text(f"{slide_id}.report.json")
     try:
-        return bool(text) and json.loads(text).get("provenance", {}).get("report_key") == wanted
+        document = json.loads(text) if text else {}
     except ValueError:
         return False
+    if not isinstance(document, dict) or document.get("provenance", {}).get("report_key") != wanted:
+        return False
+    images = document.get("images") or {}
+    names = [f"{slide_id}.report.md", images.get("thumbnail"), images.get("heatmap"), *(images.get("evidence") or [])]
+    return all(isinstance(n, str) and out.read_bytes_size(n) is not None for n in names if n is not None)
 
 
 def _refresh_report(out: ResultsLocation, entry: SlideEntry, pipe: Pipeline, row: SummaryRow) -> SummaryRow | None:
@@ -404,7 +415,7 @@ def _run_batch(slides_dir: str | os.PathLike[str], out: ResultsLocation, base: R
     rows: dict[str, SummaryRow] = {}
     todo: list[SlideEntry] = []
     for e in entries:
-        done = _complete_result(out.join(f"{e.slide_id}.zarr"), key, e.path, mpps[e.slide_id])
+        done = _complete_result(out.join(f"{e.slide_id}.zarr"), key, e.path, mpps[e.slide_id], out)
         old = previous.get(e.slide_id)
         if done is not None and not _report_current(out, e.slide_id, pipe):
             done = _refresh_report(out, e, pipe, done)
