@@ -114,11 +114,13 @@ class SlideResult:
 EmbedFunction = Callable[[Slide, TileGrid], Iterator[tuple[np.ndarray, np.ndarray]]]
 
 
-def slide_attrs(slide: Slide, out_dir: str | os.PathLike[str] | None) -> dict[str, Any]:
+def slide_attrs(slide: Slide, out_dir: str | os.PathLike[str] | None, *,
+                anonymous_id: str | None = None) -> dict[str, Any]:
     """What a store records about its slide: the absolute path, the path relative to the
     results folder ``out_dir`` (so a results tree moved together with its slides still finds
     them; None: not recorded), name, size, resolution and its source, backend, vendor and
-    content fingerprint."""
+    content fingerprint. With ``anonymous_id`` neither path is recorded and the name is
+    ``ANONYMOUS_ID.EXT``."""
     from .store import slide_fingerprint
 
     path = Path(slide.path).expanduser().absolute()
@@ -126,6 +128,9 @@ def slide_attrs(slide: Slide, out_dir: str | os.PathLike[str] | None) -> dict[st
         relative = None if out_dir is None else os.path.relpath(path, Path(out_dir).expanduser().absolute())
     except ValueError:  # another drive (Windows)
         relative = None
+    if anonymous_id is not None:
+        return {"path": None, "path_from_results": None, "name": anonymous_id + path.suffix.lower(),
+                **{k: v for k, v in slide_attrs(slide, None).items() if k not in ("path", "path_from_results", "name")}}
     return {"path": str(path), "path_from_results": relative, "name": path.name,
             "dimensions": list(slide.dimensions), "mpp": list(slide.mpp), "mpp_source": slide.mpp_source,
             "backend": slide.backend_name, "vendor": slide.vendor, "fingerprint": slide_fingerprint(path)}
@@ -313,6 +318,9 @@ class Pipeline:
         Raises the stage's error (:class:`~wsiengine.errors.SlideOpenError`,
         :class:`~wsiengine.errors.MissingMppError`, ...) with nothing published.
         """
+        if self.config.outputs.anonymize_ids and not slide_id:
+            raise ConfigError("anonymize_ids: give Pipeline.run an anonymous slide_id (wsiengine run and run_batch "
+                              "make them and keep the private map); the file's name would name the outputs")
         clock = _Clock(timeout_s)
         own = not isinstance(slide, Slide)
         slide_obj = self.open(slide, mpp=mpp) if own else slide
@@ -363,7 +371,9 @@ class Pipeline:
 
     # -- the stages of run() ------------------------------------------------------------------
     def _store_attrs(self, slide: Slide, sid: str, results_dir: str | os.PathLike[str] | None) -> dict[str, Any]:
-        return {"slide_id": sid, "slide": slide_attrs(slide, results_dir), "config": self.config.to_dict(),
+        anonymous = sid if self.config.outputs.anonymize_ids else None
+        return {"slide_id": sid, "slide": slide_attrs(slide, results_dir, anonymous_id=anonymous),
+                "config": self.config.to_dict(),
                 "encoder": self.encoder.describe(), "mil": self._mil_provenance(), "config_key": self.config.key()}
 
     def _embed(self, slide: Slide, grid: TileGrid, writer: FeatureWriter, sid: str, progress: bool,

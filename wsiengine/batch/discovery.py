@@ -24,10 +24,37 @@ _NOT_SLIDES = frozenset({".csv", ".txt", ".json", ".geojson", ".md", ".xml", ".l
                          ".tar", ".pdf", ".html", ".yaml", ".yml", ".ini", ".npz", ".npy", ".pt", ".onnx"})
 @dataclass(frozen=True)
 class SlideEntry:
-    """A discovered slide: its id (unique in the folder) and path."""
+    """A discovered slide: its id (unique in the folder) and path; ``source_id`` is the id it
+    had before it was anonymized (:mod:`wsiengine.batch.anonymize`), else None."""
 
     slide_id: str
     path: Path
+    source_id: str | None = None
+
+    @property
+    def anonymous(self) -> bool:
+        return self.source_id is not None
+
+    @property
+    def shown_path(self) -> str:
+        """The path outputs record: none for an anonymized slide."""
+        return "" if self.anonymous else str(self.path)
+
+    def identifying_names(self) -> list[str]:
+        """What of an anonymized slide's identity may appear in a message (its path as given and
+        absolute, file name, original id of 4 characters or more), longest first."""
+        if not self.anonymous:
+            return []
+        names = {str(self.path), str(self.path.absolute()), self.path.name}
+        if len(self.source_id) >= 4:
+            names.add(self.source_id)
+        return sorted((n for n in names if n), key=len, reverse=True)
+
+    def redact(self, text: str) -> str:
+        """``text`` with this anonymized slide's identifying names replaced by its id."""
+        for name in self.identifying_names():
+            text = text.replace(name, self.slide_id)
+        return text
 
 
 def _probe(path: Path) -> bool:

@@ -25,6 +25,7 @@ from ..config import RunConfig, physical_cores
 from ..errors import ConfigError, OutputError, WsiEngineError, log_safe
 from ..pipeline import Pipeline, configured_mpp
 from ..stream import bounded_as_completed
+from .anonymize import ID_MAP_NAME, RedactingFormatter, anonymize_entries
 from .discovery import SLIDE_EXTENSIONS, SlideEntry, discover_slides
 from .location import OutputLock, ResultsLocation, _pid_alive
 from .summary import (
@@ -99,13 +100,13 @@ def process_slide(entry: SlideEntry, out_dir: str, config: RunConfig, mpp: tuple
             out.publish(staging, entry.slide_id)
         label = pipe.mil.class_names[res.label] if res.prediction is not None else (
             "no tissue" if res.status == "no_tissue" else "")
-        return SummaryRow(entry.slide_id, str(entry.path), "done", label=label, probability=res.probability,
+        return SummaryRow(entry.slide_id, entry.shown_path, "done", label=label, probability=res.probability,
                           n_tiles=res.n_tiles, seconds=time.perf_counter() - started)
     except Exception as exc:  # noqa: BLE001 - one bad slide never stops the batch
-        text = _error_text(exc, out_dir)
+        text = entry.redact(_error_text(exc, out_dir))
         logger.error("%s failed: %s", log_safe(entry.slide_id), log_safe(text),
                      exc_info=not isinstance(exc, WsiEngineError) and _output_oserror(exc) is None)
-        return SummaryRow(entry.slide_id, str(entry.path), "failed", seconds=time.perf_counter() - started,
+        return SummaryRow(entry.slide_id, entry.shown_path, "failed", seconds=time.perf_counter() - started,
                           error=text)
     finally:
         if staging is not None:
@@ -151,7 +152,7 @@ def chunked_embedder(client: Any, config: RunConfig, path: Path, mpp: tuple[floa
     return embed
 
 
-def _complete_result(store: str, key: str, path: Path, mpp: tuple[float, float] | None = None,
+def _complete_result(store: str, key: str, entry: SlideEntry, mpp: tuple[float, float] | None = None,
                      out: ResultsLocation | None = None) -> SummaryRow | None:
     """The row of a finished, up-to-date result, or None when the slide must be (re)done: a
     missing or incomplete store, another configuration key, another slide file (fingerprint),
@@ -170,7 +171,7 @@ def _complete_result(store: str, key: str, path: Path, mpp: tuple[float, float] 
             mpp is None or any(abs(a - b) > 1e-9 for a, b in zip(slide.get("mpp") or (), mpp))):
         return None
     try:
-        if slide.get("fingerprint") != slide_fingerprint(path):
+        if slide.get("fingerprint") != slide_fingerprint(entry.path):
             return None
     except OSError:
         return None
@@ -178,7 +179,7 @@ def _complete_result(store: str, key: str, path: Path, mpp: tuple[float, float] 
     if out is not None and any(isinstance(n, str) and out.read_bytes_size(n) is None for n in recorded):
         return None
     pred = result.prediction or {}
-    return SummaryRow(result.path.name.removesuffix(".zarr"), str(path), "skipped", label=pred.get("label_name", ""),
+    return SummaryRow(result.path.name.removesuffix(".zarr"), entry.shown_path, "skipped", label=pred.get("label_name", ""),
                       probability=pred.get("probability"), n_tiles=result.n_tiles,
                       seconds=(result.timings or {}).get("total"))
 
@@ -303,8 +304,21 @@ def _share_threads(config: RunConfig, n_workers: int, distributed: bool) -> RunC
     return config.replace(**changes) if changes else config
 
 
+def _id_map_path(out: ResultsLocation, config: RunConfig) -> Path:
+    """Where an anonymized run keeps its private id map: ``id_map``, else ``OUT/private/slide-ids.csv``."""
+    if config.outputs.id_map:
+        return Path(config.outputs.id_map).expanduser()
+    if out.is_url:
+        raise ConfigError(f"anonymize_ids with results at a URL ('{out}') needs id_map (--id-map), a local path "
+                          "for the private file that maps anonymous ids to slides")
+    return out.path / ID_MAP_NAME
+
+
+_LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
+
+
 @contextlib.contextmanager
-def _log_file(out: ResultsLocation) -> Iterator[None]:
+def _log_file(out: ResultsLocation) -> Iterator[logging.Handler]:
     """Copy the run's log (INFO and above, whatever the console shows) to ``OUT/wsiengine.log``;
     for a URL target the log is kept in a local temporary file and uploaded at the end."""
     local = None if out.is_url else out.path / LOG_NAME
@@ -312,13 +326,13 @@ def _log_file(out: ResultsLocation) -> Iterator[None]:
         fd, name = tempfile.mkstemp(prefix="wsiengine-", suffix=".log")
         os.close(fd)
     handler = logging.FileHandler(local or name, encoding="utf-8")
-    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    handler.setFormatter(logging.Formatter(_LOG_FORMAT))
     handler.setLevel(logging.INFO)
     level = logger.level
     logger.setLevel(min(logger.getEffectiveLevel(), logging.INFO))
     logger.addHandler(handler)
     try:
-        yield
+        yield handler
     finally:
         logger.removeHandler(handler)
         logger.setLevel(level)
@@ -366,8 +380,9 @@ def run_batch(slides_dir: str | os.PathLike[str], out_dir: str | os.PathLike[str
     out = ResultsLocation(out_dir)
     out.check_writable()
     lock = contextlib.nullcontext() if out.is_url else OutputLock(out.path)
-    with lock, _log_file(out):
-        return _run_batch(slides_dir, out, base, client=client, progress=progress, on_row=on_row, started=started)
+    with lock, _log_file(out) as log:
+        return _run_batch(slides_dir, out, base, client=client, progress=progress, on_row=on_row, started=started,
+                          log=log)
 
 
 def _write_rows(out: ResultsLocation, rows: list[SummaryRow], failures: dict[str, Any] | None = None) -> None:
@@ -383,7 +398,8 @@ def _write_rows(out: ResultsLocation, rows: list[SummaryRow], failures: dict[str
 
 
 def _run_batch(slides_dir: str | os.PathLike[str], out: ResultsLocation, base: RunConfig, *, client: Any | None,
-               progress: bool, on_row: Callable[[SummaryRow], None] | None, started: float) -> BatchSummary:
+               progress: bool, on_row: Callable[[SummaryRow], None] | None, started: float,
+               log: logging.Handler | None = None) -> BatchSummary:
     from tqdm.auto import tqdm
 
     from ..resolution import read_mpp_csv
@@ -395,6 +411,10 @@ def _run_batch(slides_dir: str | os.PathLike[str], out: ResultsLocation, base: R
     if not entries:
         raise ConfigError(f"no slides found under '{slides_dir}' (looked for {', '.join(sorted(SLIDE_EXTENSIONS))} "
                           "and files that open as slides)")
+    if base.outputs.anonymize_ids:
+        entries = anonymize_entries(entries, _id_map_path(out, base))
+        if log is not None:
+            log.setFormatter(RedactingFormatter(_LOG_FORMAT, entries))
     mpp_table = read_mpp_csv(base.slide.mpp_csv) if base.slide.mpp_csv else {}
     mpps = {e.slide_id: configured_mpp(e.path, base.slide, mpp_table) for e in entries}
     previous = {r.slide_id: r for r in read_summary(out)}
@@ -415,7 +435,7 @@ def _run_batch(slides_dir: str | os.PathLike[str], out: ResultsLocation, base: R
     rows: dict[str, SummaryRow] = {}
     todo: list[SlideEntry] = []
     for e in entries:
-        done = _complete_result(out.join(f"{e.slide_id}.zarr"), key, e.path, mpps[e.slide_id], out)
+        done = _complete_result(out.join(f"{e.slide_id}.zarr"), key, e, mpps[e.slide_id], out)
         old = previous.get(e.slide_id)
         if done is not None and not _report_current(out, e.slide_id, pipe):
             done = _refresh_report(out, e, pipe, done)
@@ -491,7 +511,7 @@ def _run_dask(todo: Sequence[SlideEntry], out: ResultsLocation, config: RunConfi
             try:
                 row = future.result()
             except Exception as exc:  # noqa: BLE001 - a worker died (out of memory, killed)
-                row = SummaryRow(entry.slide_id, str(entry.path), "failed",
+                row = SummaryRow(entry.slide_id, entry.shown_path, "failed",
                                  error=f"worker lost while processing the slide: {type(exc).__name__}: {exc}")
             record(row)
     finally:

@@ -119,7 +119,7 @@ def failure_inputs(entry: SlideEntry, key: str, mpp: tuple[float, float] | None)
         file_id = [stat.st_size, stat.st_mtime_ns]
     except OSError:
         file_id = None
-    return {"path": str(entry.path), "file": file_id, "config_key": key, "mpp": list(mpp) if mpp else None}
+    return {"path": entry.shown_path, "file": file_id, "config_key": key, "mpp": list(mpp) if mpp else None}
 
 
 def read_failures(out: ResultsLocation) -> dict[str, Any]:

@@ -52,14 +52,14 @@ DEFAULT_SOURCE = "default"
 _RESULT_SECTIONS = ("tissue", "tiling", "encoder", "mil", "outputs")
 #: Settings that may name a file or folder.
 _PATH_SETTINGS = ("encoder.encoder", "encoder.encoder_weights", "encoder.trt_cache_dir", "mil.mil", "slide.mpp_csv",
-                  "report.tile_bank")
+                  "report.tile_bank", "outputs.id_map")
 #: Settings filled from the models by the resolver.
 _RESOLVED = ("encoder.encoder_sha256", "encoder.encoder_spec_sha256", "mil.mil_sha256", "mil.slide_threshold")
 #: Sources that name a model (the labels of :class:`ModelTiling`).
 _MODEL_SOURCES = ("MIL head", "encoder ")
 #: Fields of those sections that do not change results.
 _NOT_RESULTS = frozenset({"providers", "allow_fallback", "threads", "fp16", "device_id", "trt_cache_dir", "report",
-                          "encoder", "encoder_weights", "mil"})
+                          "encoder", "encoder_weights", "mil", "id_map"})
 
 
 @dataclass(frozen=True)

@@ -329,12 +329,18 @@ class OutputsConfig(_Section):
         Write SLIDE_ID.heatmap.png (the tile scores over the thumbnail).
     report : bool
         Write the slide report (SLIDE_ID.report.json, .report.md and images); needs a MIL head.
+    anonymize_ids : bool
+        Name each slide's outputs by a random id (slide-1a2b3c4d5e6f) and record no file name or path in any output (summary, stores, GeoJSON, reports, log); the ids and paths go to the private id_map file.
+    id_map : str, optional
+        The private CSV mapping anonymous ids to slide files (default OUTPUT/private/slide-ids.csv); keep it, ids stay the same on reruns.
     """
 
     heatmaps: tuple[str, ...] = ("attention", "tile_scores")
     geojson: bool = True
     overlay: bool = True
     report: bool = True
+    anonymize_ids: bool = False
+    id_map: str | None = None
 
     def __post_init__(self) -> None:
         if isinstance(self.heatmaps, str):

@@ -257,7 +257,7 @@ def make_report(store: "str | os.PathLike[str] | ResultStore", out_dir: str | os
             info = result.slide
             recorded = result.attrs.get("slide_id")
             forbidden = [s for s in (sid, recorded if isinstance(recorded, str) else None, info.get("name"),
-                                     Path(info.get("path", "")).stem) if s]
+                                     Path(info.get("path") or "").stem) if s]
             narration = client.narrate(findings, images=[tmp / "assets" / Path(p).name for p in images["evidence"]],
                                        forbidden_strings=forbidden)
             narrative["vlm"] = narration.to_dict()
@@ -292,7 +292,7 @@ def _document(result: "ResultStore", sid: str, findings: dict[str, Any], narrati
         "format": REPORT_FORMAT,
         "schema_version": REPORT_SCHEMA_VERSION,
         "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-        "slide": {"slide_id": sid, "name": info.get("name") or Path(info.get("path", "")).name,
+        "slide": {"slide_id": sid, "name": info.get("name") or Path(info.get("path") or "").name,
                   "dimensions": info.get("dimensions"), "mpp": info.get("mpp"), "mpp_source": info.get("mpp_source"),
                   "vendor": info.get("vendor")},
         "findings": findings,
