@@ -1,4 +1,4 @@
-"""Numba kernels of wsiengine: colour transforms, Otsu, morphology, labelling, integral images.
+"""Numba kernels of wsiengine: colour transforms, Otsu, morphology, labelling, integral images, JPEG scans.
 
 Imported as ``wsiengine.kernels``. Everything here depends only on numpy and numba; inner
 loops are ``numba.njit(cache=True, nogil=True)``, single-threaded (no ``parallel=True``:
@@ -21,6 +21,10 @@ are public on their own:
 - components: :func:`label_components`, :func:`remove_small_objects`, :func:`fill_holes`
 - integral images: :func:`integral_image`, :func:`box_sum`, :func:`box_mean`
 - encoder input: :func:`normalise_to_nchw`
+
+Slide reading has one kernel module, imported on its own (``wsiengine.kernels.jpeg_entropy``):
+:func:`~wsiengine.kernels.jpeg_entropy.check_scan` walks a stored JPEG tile's entropy-coded scan
+as libjpeg would, without the IDCT, to find damaged tiles before they are decoded.
 """
 
 from .colour import rgb_to_optical_density, rgb_to_saturation

