@@ -199,6 +199,30 @@ def test_an_unwritable_output_folder_fails_at_start(slides, tmp_path):
         out.chmod(0o755)
 
 
+def _folder_nobody_may_write() -> Path | None:
+    """An existing folder this process cannot create files in, even as root (sysfs), or None."""
+    for candidate in (Path("/sys/kernel"), Path("/proc/sys")):
+        if not candidate.is_dir():
+            continue
+        try:
+            (candidate / ".wsiengine-probe").open("x").close()
+        except OSError:
+            return candidate
+        (candidate / ".wsiengine-probe").unlink()
+    return None
+
+
+def test_an_existing_folder_that_cannot_be_written_fails_at_start_with_a_clear_error(slides, capsys):
+    """The root-proof variant of the case above (CI and containers run as root): a sysfs folder."""
+    folder = _folder_nobody_may_write()
+    if folder is None:
+        pytest.skip("no folder here that even root cannot write (/sys/kernel, /proc/sys)")
+    assert main(["run", str(slides), "-o", str(folder), "--no-report", "--quiet"]) == 2
+    err = capsys.readouterr().err
+    assert "OutputError" in err and str(folder) in err and "Traceback" not in err
+    assert not (folder / LOCK_NAME).exists()
+
+
 def test_a_full_disk_while_writing_one_slide_fails_that_slide_and_the_batch_goes_on(slides, tmp_path, monkeypatch):
     import wsiengine.store as store_module
 
@@ -314,3 +338,17 @@ def test_a_failing_report_leaves_nothing_of_the_slide(tmp_path, cmu_small, monke
     with pytest.raises(ReportError):
         pipe.run(cmu_small, out=tmp_path / "out")
     assert sorted(p.name for p in (tmp_path / "out").iterdir()) == []
+
+
+def test_report_and_embed_refuse_a_folder_a_run_is_writing(slides, tmp_path, capsys):
+    out = tmp_path / "out"
+    assert main(["run", str(slides), "-o", str(out), "--quiet", "--no-report"]) == 0
+    with OutputLock(out, command="run"):  # a run is going on there
+        assert main(["report", str(out / "a.zarr"), "--quiet"]) == 1
+        err = capsys.readouterr().err
+        assert "OutputLockedError" in err and "`wsiengine run`" in err and f"process {os.getpid()}" in err
+        assert not (out / "a.report.json").exists()
+        assert main(["embed", str(slides / "a.svs"), "-o", str(out / "b.zarr"), "--quiet"]) == 2
+        assert "OutputLockedError" in capsys.readouterr().err and not (out / "b.zarr").exists()
+    assert main(["report", str(out / "a.zarr"), "--quiet"]) == 0  # free again
+    assert (out / "a.report.json").is_file() and not (out / LOCK_NAME).exists()

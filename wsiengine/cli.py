@@ -10,11 +10,12 @@ units, help and defaults; ``wsiengine config show`` prints the result and where 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import logging
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 from . import __version__
@@ -149,8 +150,9 @@ def _cmd_embed(args: argparse.Namespace) -> int:
         _, grid = plan_slide(slide, config)
         t0 = time.perf_counter()
         progress = sys.stderr.isatty() and not args.quiet
-        path = embed_slide(slide, grid, encoder, args.output, batch_size=config.stream.batch_size, progress=progress,
-                           config=config, stream=config.stream)
+        with _output_lock(Path(args.output).expanduser().absolute().parent, "embed"):
+            path = embed_slide(slide, grid, encoder, args.output, batch_size=config.stream.batch_size,
+                               progress=progress, config=config, stream=config.stream)
         seconds = time.perf_counter() - t0
     print(f"{slide.path.name}: {len(grid)} tiles of {grid.tile_px} px at {grid.target_mpp:g} µm/px -> {path} "
           f"({encoder.embed_dim}-d {encoder.spec.name} on {encoder.providers[0]}) in {seconds:.1f} s "
@@ -236,9 +238,6 @@ def _cmd_heatmap(args: argparse.Namespace) -> int:
 
 
 def _cmd_report(args: argparse.Namespace) -> int:
-    from .report import make_report
-    from .store import open_result
-
     config = load_config(args)
     threshold = config.mil.tile_threshold if config.source("mil.tile_threshold") != DEFAULT_SOURCE else None
     if len(args.stores) > 1 and args.slide:
@@ -248,10 +247,8 @@ def _cmd_report(args: argparse.Namespace) -> int:
     failed = 0
     for path in args.stores:
         try:
-            store = open_result(path)
-            encoder = _store_encoder(store) if bank and Path(bank).is_dir() else None
-            rep = make_report(store, args.output, config=config.report, vlm=config.vlm, slide=args.slide,
-                              tile_bank=bank, encoder=encoder, tile_threshold=threshold)
+            with _output_lock(args.output or Path(path).expanduser().absolute().parent, "report"):
+                rep = _write_report(path, args, config, bank, threshold)
         except WsiEngineError as exc:
             print(f"error: {path}: {type(exc).__name__}: {exc}", file=sys.stderr)
             failed += 1
@@ -264,6 +261,43 @@ def _cmd_report(args: argparse.Namespace) -> int:
         print(f"wrote {rep.markdown_path} and {rep.json_path}" + (f" (flags: {', '.join(flags)})" if flags else ""),
               file=sys.stderr)
     return 1 if failed else 0
+
+
+def _write_report(path: str, args: argparse.Namespace, config: RunConfig, bank: str | None, threshold: float | None):
+    """The report of the store ``path``, written into ``args.output`` (default: beside the store)."""
+    from .report import make_report
+    from .store import open_result
+
+    store = open_result(path)
+    encoder = _store_encoder(store) if bank and Path(bank).is_dir() else None
+    return make_report(store, args.output, config=config.report, vlm=config.vlm, slide=args.slide,
+                       tile_bank=bank, encoder=encoder, tile_threshold=threshold)
+
+
+@contextlib.contextmanager
+def _output_lock(folder: str | Path, command: str) -> Iterator[None]:
+    """``OUT/.wsiengine.lock`` held while ``command`` writes into the local folder ``folder``, so it
+    never writes beside a run or another command there; a folder it had to create is removed
+    again when nothing was written into it. A URL is not locked."""
+    from .batch.location import OutputLock
+    from .errors import OutputError
+
+    if "://" in str(folder):
+        yield
+        return
+    folder = Path(folder).expanduser()
+    created = not folder.exists()
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise OutputError(f"cannot create the output folder '{folder}': {exc.strerror or exc}") from exc
+    try:
+        with OutputLock(folder, command=command):
+            yield
+    finally:
+        if created:
+            with contextlib.suppress(OSError):
+                folder.rmdir()  # only when empty
 
 
 def _store_encoder(store):

@@ -199,7 +199,8 @@ class OutputLock:
             if holder is None:  # released between our two looks: try again
                 continue
             pid, host = holder.get("pid"), holder.get("host")
-            who = (f"process {pid} on host {host}" + (f", started {holder['started']}" if holder.get("started") else "")
+            who = (f"`wsiengine {holder.get('command') or 'run'}`, process {pid} on host {host}"
+                   + (f", started {holder['started']}" if holder.get("started") else "")
                    if pid else "an unknown process (the lock file is unreadable)")
             if not holder and time.time() - _mtime(self.path) < 10:
                 time.sleep(0.2)  # another run is writing its lock this instant
