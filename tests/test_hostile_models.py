@@ -98,6 +98,22 @@ def test_rerun_after_the_head_graph_is_replaced_is_refused_not_skipped(tmp_path,
     assert open_result(out / "s.zarr").mil["sha256"] == new_hash
 
 
+def test_a_long_lived_process_notices_a_replaced_head(tmp_path, cmu_small):
+    """The same process runs twice (a notebook, a service): its cached pipeline must not keep
+    using the graph it loaded before the file was replaced."""
+    from wsiengine.batch import run_batch
+
+    slides = tmp_path / "slides"
+    slides.mkdir()
+    shutil.copy(cmu_small, slides / "s.svs")
+    root = _copy_default(tmp_path)
+    out = tmp_path / "out"
+    assert [r.status for r in run_batch(slides, out, mil=str(root), workers=1, report=False).rows] == ["done"]
+    _write_other_graph(root / "model.onnx", root / "model.onnx", scale=25.0)
+    with pytest.raises(ModelError, match="config.json records sha256"):
+        run_batch(slides, out, mil=str(root), workers=1, report=False)
+
+
 def test_head_without_sha256_loads_with_a_warning_and_records_the_real_hash(tmp_path, caplog):
     root = _copy_default(tmp_path)
     config = json.loads((root / "config.json").read_text())

@@ -242,6 +242,7 @@ class Pipeline:
                               f"{self.encoder.spec.name!r} gives {self.encoder.embed_dim}; use a head trained on this "
                               "encoder's features")
         self.config = resolve_config(base, encoder=self.encoder, mil=self.mil)
+        self._model_stamps = self._stamp_models()
         self.report = self.config.outputs.report and self.mil is not None  # a report needs a slide call
         self.vlm_client = None
         self.tile_bank = None
@@ -254,6 +255,25 @@ class Pipeline:
                 self.vlm_client = VLMClient(self.config.vlm)  # a remote endpoint without allow_remote fails here
             if self.config.report.tile_bank is not None:
                 self.tile_bank = TileBank.open(self.config.report.tile_bank, self.encoder)
+
+    def _stamp_models(self) -> tuple[tuple[str, int, int] | tuple[str], ...]:
+        """``(path, size, mtime ns)`` of the encoder file and of each file in the head's folder."""
+        files = [Path(self.encoder.path)]
+        if self.mil is not None and self.mil.path is not None and Path(self.mil.path).is_dir():
+            files += sorted(p for p in Path(self.mil.path).iterdir() if p.is_file())
+        stamps = []
+        for f in files:
+            try:
+                st = f.stat()
+                stamps.append((str(f), st.st_size, st.st_mtime_ns))
+            except OSError:
+                stamps.append((str(f),))
+        return tuple(stamps)
+
+    def models_unchanged(self) -> bool:
+        """False when the encoder file or a file of the head's folder changed on disk since this
+        pipeline loaded them (a long-lived process must load and verify them again)."""
+        return self._stamp_models() == self._model_stamps
 
     @property
     def tiling(self):

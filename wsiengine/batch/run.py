@@ -48,8 +48,14 @@ _PIPELINES: dict[RunConfig, Pipeline] = {}
 
 
 def _pipeline(config: RunConfig) -> Pipeline:
-    """The process's pipeline for ``config``: loaded once per worker process and reused."""
+    """The process's pipeline for ``config``: loaded once per worker process and reused while its
+    model files are unchanged on disk (a replaced head is loaded, and verified, again)."""
     pipe = _PIPELINES.get(config)
+    if pipe is not None and not pipe.models_unchanged():
+        logger.info("model files changed since they were loaded; loading and verifying them again")
+        for key in [k for k, v in _PIPELINES.items() if v is pipe]:
+            del _PIPELINES[key]
+        pipe = None
     if pipe is None:
         pipe = _PIPELINES[config] = Pipeline(config)
     return pipe
