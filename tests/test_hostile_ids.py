@@ -280,3 +280,43 @@ def test_a_slide_id_with_control_characters_is_escaped_in_pipeline_logs(tmp_path
     assert res.store.is_dir()
     messages = [r.getMessage() for r in caplog.records if "FORGED" in r.getMessage()]
     assert messages and all("\n" not in m and "\x1b" not in m and "\\x1b" in m for m in messages)
+
+
+# -- received stores: declared sizes are checked before anything is allocated ---------------
+
+
+def _edit_attrs(store: Path, **changes) -> None:
+    import zarr
+
+    group = zarr.open_group(str(store), mode="r+")
+    group.attrs.update(changes)
+
+
+@pytest.mark.parametrize("grid_change", [{"grid_shape": [1_000_000, 1_000_000]}, {"grid_shape": [-6, 6]},
+                                         {"tile_px": 10**9}, {"read_size": [0, 100]}])
+def test_a_received_store_declaring_an_absurd_tile_lattice_is_refused_at_open(tmp_path, capsys, grid_change):
+    from wsiengine.errors import StoreError
+    from wsiengine.store import open_result
+
+    store = _received_store(tmp_path, "x")
+    grid = dict(open_result(store).attrs["grid"])
+    _edit_attrs(store, grid={**grid, **grid_change})
+    with pytest.raises(StoreError, match="damaged metadata"):
+        open_result(store)
+    for command in (["heatmap", str(store), "-o", str(tmp_path / "h.png")], ["report", str(store), "--quiet"],
+                    ["geojson", str(store), "-o", str(tmp_path / "x.geojson")]):
+        assert main(command) in (1, 2)
+        assert "StoreError" in capsys.readouterr().err
+
+
+def test_a_received_store_declaring_a_terapixel_thumbnail_is_refused_before_reading_it(tmp_path):
+    import zarr
+
+    from wsiengine.errors import StoreError
+    from wsiengine.store import open_result
+
+    store = _received_store(tmp_path, "x")
+    group = zarr.open_group(str(store), mode="r+")
+    group.create_array("thumbnail", shape=(1_000_000, 1_000_000, 3), chunks=(1024, 1024, 3), dtype="uint8")
+    with pytest.raises(StoreError, match=r"thumbnail declares shape \(1000000, 1000000, 3\)"):
+        open_result(store)

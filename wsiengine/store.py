@@ -281,6 +281,32 @@ _SECTIONS: dict[str, dict[str, tuple[Any, bool]]] = {
 }
 
 
+#: the most cells a store's tile lattice may declare (a raster of this many float64 is 800 MB):
+#: 10,000 x 10,000 tiles, far beyond any slide (a 200,000 px slide in 224 px tiles is 893 x 893)
+MAX_GRID_CELLS = 100_000_000
+#: the largest tile a store may declare, pixels per side
+MAX_TILE_PX = 16_384
+
+
+def _grid_size_problems(grid: dict[str, Any], n_tiles: Any) -> list[str]:
+    """Declared sizes that readers would allocate from (heatmap rasters, tile reads), checked
+    before any allocation: positive, a lattice of at most :data:`MAX_GRID_CELLS` cells holding
+    at least ``n_tiles`` tiles, tiles of at most :data:`MAX_TILE_PX` px."""
+    problems = []
+    rows, cols = grid["grid_shape"]
+    if rows < 0 or cols < 0 or rows * cols > MAX_GRID_CELLS:
+        problems.append(f"grid.grid_shape {rows} x {cols} is not a tile lattice this engine writes "
+                        f"(at most {MAX_GRID_CELLS:,} cells)")
+    elif isinstance(n_tiles, int) and not isinstance(n_tiles, bool) and not 0 <= n_tiles <= rows * cols:
+        problems.append(f"n_tiles {n_tiles} does not fit the {rows} x {cols} tile lattice")
+    sizes = [grid["tile_px"], *grid["read_size"], *(grid.get("stride_level_px") or [1, 1])]
+    if any(not isinstance(v, int) or not 0 < v <= MAX_TILE_PX for v in sizes):
+        problems.append(f"grid tile sizes {sizes} are not between 1 and {MAX_TILE_PX:,} px")
+    if any(not (isinstance(v, (int, float)) and 0 < v < 1e9) for v in (*grid["slide_dimensions"], grid["target_mpp"])):
+        problems.append("grid.slide_dimensions / target_mpp are not positive sizes")
+    return problems
+
+
 def _check_entries(values: dict[str, Any], schema: dict[str, tuple[Any, bool]], where: str) -> list[str]:
     problems = []
     for key, (kind, required) in schema.items():
@@ -308,6 +334,9 @@ def verify_attributes(attrs: dict[str, Any], name: str = "store") -> None:
         value = attrs.get(section)
         if isinstance(value, dict):
             problems += _check_entries(value, schema, f"{section}.")
+    grid = attrs.get("grid")
+    if isinstance(grid, dict) and not problems:
+        problems += _grid_size_problems(grid, attrs.get("n_tiles"))
     spec = (attrs.get("encoder") or {}).get("spec") if isinstance(attrs.get("encoder"), dict) else None
     if isinstance(spec, dict) and "name" in spec and not isinstance(spec["name"], str):
         problems.append(f"encoder.spec.name should be string, got {str(spec['name'])[:40]!r}")
@@ -361,9 +390,37 @@ def verify_store(group: Any, name: str = "store") -> None:
         if len(shape) != len(expected) or any(e is not None and int(e) != s for e, s in zip(expected, shape)):
             want = "(" + ", ".join("N" if e is None else str(e) for e in expected) + ("," if len(expected) == 1 else "") + ")"
             problems.append(f"{array} has shape {shape}, expected {want}")
+    problems += _declared_size_problems(group)
     if problems:
         raise StoreError(f"'{name}' is marked complete but is damaged ({'; '.join(problems)}); "
                          "rerun the slide (wsiengine run redoes it)")
+
+
+#: the most values an image the store holds (thumbnail, tissue mask, one heatmap level) may declare
+MAX_IMAGE_VALUES = 2**28
+#: the widest embedding a store may declare
+MAX_EMBED_DIM = 65_536
+
+
+def _declared_size_problems(group: Any) -> list[str]:
+    """Arrays whose declared shape is beyond what this engine writes (read before any is loaded,
+    so a received store cannot make a reader allocate terabytes from a few bytes of metadata)."""
+    problems = []
+    features = _shape(group, "features")
+    if features is not None and len(features) == 2 and features[1] > MAX_EMBED_DIM:
+        problems.append(f"features declares {features[1]:,} dimensions (at most {MAX_EMBED_DIM:,})")
+    images = ["thumbnail", "tissue_mask"]
+    try:
+        heatmaps = group["heatmaps"]
+        images += [f"heatmaps/{n}/{level}" for n in list(heatmaps.group_keys())[:16]
+                   for level in list(heatmaps[n].array_keys())[:16]]
+    except Exception:  # noqa: BLE001 - no heatmaps (version 1) or a damaged group: readers say so
+        pass
+    for name in images:
+        shape = _shape(group, name)
+        if shape is not None and math.prod(shape) > MAX_IMAGE_VALUES:
+            problems.append(f"{name} declares shape {shape} ({math.prod(shape):,} values, at most {MAX_IMAGE_VALUES:,})")
+    return problems
 
 
 class ResultStore:
