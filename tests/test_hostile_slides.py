@@ -391,3 +391,25 @@ def test_jpeg_2000_checks_name_what_is_wrong():
     assert "no tile-part starts at byte" in why and "length (Psot)" in why
     why = check_jpeg2k_tile(data[: len(data) // 2], 256, 256)
     assert "does not end with a JPEG 2000 end-of-codestream marker" in why
+
+
+def test_a_batch_with_hostile_files_beside_a_good_slide_finishes_the_good_one(cmu_small, tmp_path):
+    """Absurd sizes, a bomb and a damaged tile each fail their own slide, quickly, with a clear
+    message; the good slide beside them is done."""
+    from wsiengine.batch import run_batch
+
+    slides = tmp_path / "slides"
+    slides.mkdir()
+    shutil.copy(cmu_small, slides / "good.svs")
+    write_sparse_tiff(slides / "huge.tif", 1_000_000, 1_000_000, 4096, bigtiff=True)
+    write_sparse_tiff(slides / "big.tif", 31 * 8192, 31 * 8192, 8192)
+    damaged_copy(cmu_small, slides / "bomb.svs", claim_65000_px, tile=11)
+    damaged_copy(cmu_small, slides / "noise.svs", marker_free_noise(3), tile=11)
+    started = time.monotonic()
+    summary = run_batch(slides, tmp_path / "out", workers=1, report=False)
+    assert time.monotonic() - started < 300
+    rows = {r.slide_id: r for r in summary.rows}
+    assert rows["good"].status == "done" and rows["good"].n_tiles > 0
+    for sid, message in {"huge": "1,000,000 x 1,000,000 px", "big": "3,844 reads", "bomb": "65000x65000 px",
+                         "noise": "tile 11 (row 1, column 1) of level 0"}.items():
+        assert rows[sid].status == "failed" and message in rows[sid].error, (sid, rows[sid].error)
