@@ -16,6 +16,8 @@ import contextlib
 import logging
 import math
 import os
+import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -36,7 +38,10 @@ from .errors import (
 )
 from .resolution import MppResolution, resolve_mpp
 
-__all__ = ["Slide", "open_slide", "slide_id_for", "MPP_TOLERANCE", "MAX_READ_BYTES", "LevelRead", "resize_area"]
+__all__ = [
+    "Slide", "open_slide", "slide_id_for", "MPP_TOLERANCE", "MAX_READ_BYTES", "LevelRead", "resize_area",
+    "THUMBNAIL_WORKERS", "THUMBNAIL_CHUNK_PX",
+]
 
 logger = logging.getLogger("wsiengine")
 
@@ -58,6 +63,21 @@ SPARSE_MIN_TILES = 1024
 #: declared size is not backed by the file (e.g. 10^6 x 10^6 px in a 960 KB file), and reading it
 #: would only produce white at great cost.
 SPARSE_MIN_STORED_FRACTION = 0.01
+
+
+def _usable_cores() -> int:
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except AttributeError:  # not on Linux
+        return max(1, os.cpu_count() or 1)
+
+
+#: threads one :meth:`Slide.thumbnail` reads and shrinks with: min(4, usable cores)
+THUMBNAIL_WORKERS = min(4, _usable_cores())
+
+#: level pixels of one thumbnail read (about 1024 x 1024 px, 3 MiB of RGB; rounded to whole
+#: stored tiles and to the shrink factor)
+THUMBNAIL_CHUNK_PX = 1024 * 1024
 
 
 @dataclass(frozen=True)
@@ -350,42 +370,93 @@ class Slide:
         return resize_area(image, plan.out_size)
 
     def thumbnail(
-        self, mpp: float, *, read_budget_px: int = READ_BUDGET_PX, max_reads: int | None = None
+        self,
+        mpp: float,
+        *,
+        read_budget_px: int = READ_BUDGET_PX,
+        max_reads: int | None = None,
+        workers: int | None = None,
     ) -> tuple[np.ndarray, tuple[float, float]]:
-        """The whole slide at about ``mpp`` µm/px, assembled from pieces of at most ``read_budget_px``.
+        """The whole slide at about ``mpp`` µm/px: one integer area-averaging shrink of one level.
 
-        Returns the RGB image and its exact (x, y) µm/px. Whatever the slide size, no single
-        backend call returns more than ``read_budget_px`` pixels. With ``max_reads``, a thumbnail
-        that would need more backend reads than that (a huge slide without a coarse enough
-        pyramid level) raises :class:`~wsiengine.errors.SlideReadError` before reading anything.
+        The source is the coarsest level that resolves ``mpp`` (:meth:`best_level_for_mpp`);
+        it is shrunk by the integer factors ``f = floor(mpp / level mpp)`` (x and y; within
+        ``MPP_TOLERANCE``, so 7.9 µm/px of a 4 µm/px level is a factor 2), each output pixel the
+        mean of an ``f x f`` block of level pixels, the blocks at the right and bottom edges
+        averaging the level pixels they hold. The output is ``ceil(level size / f)`` pixels and
+        the returned (x, y) µm/px is exact: level mpp x ``f`` (so at most ``f - 1`` level pixels
+        less than the request when ``mpp`` is not a multiple of the level's).
+
+        The level is read in chunks whose origins are multiples of ``f``, and, when the backend
+        reports its stored tile grid (:meth:`SlideBackend.tile_grid`), of whole stored tiles, so
+        each tile is decoded once; chunks are read and shrunk by ``workers`` threads (default
+        :data:`THUMBNAIL_WORKERS`: the decoders release the GIL). Memory: the output image plus
+        one chunk (at most ``THUMBNAIL_CHUNK_PX`` level pixels) per thread; no backend read
+        returns more than ``read_budget_px`` pixels (``f`` is capped at ``sqrt(read_budget_px)``).
+        With ``max_reads``, a thumbnail that would need more than that many reads of
+        ``read_budget_px`` (a huge slide without a coarse enough pyramid level) raises
+        :class:`~wsiengine.errors.SlideReadError` before reading anything; a damaged stored tile
+        raises it too.
         """
+        started = time.perf_counter()
         level = self.best_level_for_mpp(mpp) if mpp >= min(self.mpp) else 0
         lw, lh = self.level_dimensions[level]
         lmx, lmy = self.level_mpp(level)
-        out_w = max(1, round(lw * lmx / mpp))
-        out_h = max(1, round(lh * lmy / mpp))
-        sx, sy = lw / out_w, lh / out_h  # level px per output px
-        out = np.empty((out_h, out_w, 3), dtype=np.uint8)
-        side = max(1, int(math.sqrt(read_budget_px)))
-        piece_w = max(1, int(side / sx))  # output px per piece so the level read stays in budget
-        piece_h = max(1, int(side / sy))
-        d = self.level_downsamples[level]
-        reads = math.ceil(out_h / piece_h) * math.ceil(out_w / piece_w)
+        side = max(1, math.isqrt(max(1, int(read_budget_px))))
+        fx = min(side, max(1, math.floor(mpp / lmx * (1 + MPP_TOLERANCE))))
+        fy = min(side, max(1, math.floor(mpp / lmy * (1 + MPP_TOLERANCE))))
+        out_w, out_h = -(-lw // fx), -(-lh // fy)
+        # Reads of read_budget_px each (f-aligned), the measure max_reads bounds.
+        budget_w, budget_h = side // fx * fx, side // fy * fy
+        reads = math.ceil(lh / budget_h) * math.ceil(lw / budget_w)
         if max_reads is not None and reads > max_reads:
             raise SlideReadError(
                 f"a thumbnail of '{self.path.name}' at {mpp:.3g} µm/px would need {reads:,} reads of level {level} "
                 f"({lw:,} x {lh:,} px, the coarsest level that resolves it), over the limit of {max_reads:,}: the slide "
                 "is implausibly large for its pyramid. Check the file, or give it a pyramid (e.g. vips tiffsave --pyramid)."
             )
-        for oy0 in range(0, out_h, piece_h):
-            oy1 = min(out_h, oy0 + piece_h)
-            ly0, ly1 = round(oy0 * sy), min(lh, round(oy1 * sy))
-            for ox0 in range(0, out_w, piece_w):
-                ox1 = min(out_w, ox0 + piece_w)
-                lx0, lx1 = round(ox0 * sx), min(lw, round(ox1 * sx))
-                piece = self.read_region((round(lx0 * d), round(ly0 * d)), level, (max(1, lx1 - lx0), max(1, ly1 - ly0)))
-                out[oy0:oy1, ox0:ox1] = resize_area(piece, (ox1 - ox0, oy1 - oy0))
-        return out, (lw * lmx / out_w, lh * lmy / out_h)
+        chunk_w, chunk_h, tiled = self._thumbnail_chunk(level, fx, fy, side, read_budget_px)
+        out = np.empty((out_h, out_w, 3), dtype=np.uint8)
+        d = self.level_downsamples[level]
+
+        def read_chunk(origin: tuple[int, int]) -> None:
+            x0, y0 = origin
+            w, h = min(chunk_w, lw - x0), min(chunk_h, lh - y0)
+            piece = self.read_region((round(x0 * d), round(y0 * d)), level, (w, h))
+            if (fx, fy) != (1, 1):
+                piece = np.asarray(Image.fromarray(piece).reduce((fx, fy)))
+            out[y0 // fy : y0 // fy + piece.shape[0], x0 // fx : x0 // fx + piece.shape[1]] = piece
+
+        origins = [(x0, y0) for y0 in range(0, lh, chunk_h) for x0 in range(0, lw, chunk_w)]
+        n_workers = min(len(origins), workers or THUMBNAIL_WORKERS)
+        if n_workers <= 1:
+            for origin in origins:
+                read_chunk(origin)
+        else:
+            pool = ThreadPoolExecutor(max_workers=n_workers, thread_name_prefix="wsiengine-thumbnail")
+            try:
+                for future in [pool.submit(read_chunk, origin) for origin in origins]:
+                    future.result()  # the first failure (e.g. a damaged tile) is raised here
+            finally:
+                pool.shutdown(wait=True, cancel_futures=True)
+        logger.debug(
+            "%s: thumbnail %dx%d px at %.4g µm/px from level %d (%dx%d px, factor %dx%d) in %d reads of %dx%d px%s, "
+            "%d threads, %.3f s", self.path.name, out_w, out_h, lmx * fx, level, lw, lh, fx, fy, len(origins), chunk_w,
+            chunk_h, " (whole stored tiles)" if tiled else "", max(1, n_workers), time.perf_counter() - started,
+        )
+        return out, (lmx * fx, lmy * fy)
+
+    def _thumbnail_chunk(self, level: int, fx: int, fy: int, side: int, read_budget_px: int) -> tuple[int, int, bool]:
+        """(width, height) in level px of one thumbnail read, multiples of the factors (and of the
+        stored tile size when the backend reports it and the two align within the budget), and
+        whether it is tile-aligned."""
+        target = max(1, min(side, math.isqrt(THUMBNAIL_CHUNK_PX)))
+        grid = self._backend.tile_grid(level)
+        if grid is not None:
+            ux, uy = math.lcm(int(grid[0]), fx), math.lcm(int(grid[1]), fy)
+            if ux <= side and uy <= side and ux * uy <= read_budget_px:
+                return ux * max(1, target // ux), uy * max(1, target // uy), True
+        return fx * max(1, target // fx), fy * max(1, target // fy), False
 
     # -- lifecycle -----------------------------------------------------------------------
     def close(self) -> None:

@@ -62,6 +62,16 @@ class SlideBackend(abc.ABC):
             ``(height, width, 3)`` uint8 RGB; transparent or out-of-slide pixels are white.
         """
 
+    def tile_grid(self, level: int) -> tuple[int, int] | None:
+        """(width, height) in pixels of ``level`` of the stored tiles, when reads aligned to them
+        decode each stored tile once (the tile at column ``i``, row ``j`` covers level pixels
+        ``[i w, (i + 1) w) x [j h, (j + 1) h)``); None when unknown (the default).
+
+        An optional capability: :meth:`wsiengine.slide.Slide.thumbnail` reads whole stored tiles,
+        several at a time in threads, when a backend reports them.
+        """
+        return None
+
     def associated_image_names(self) -> tuple[str, ...]:
         """Names of the non-pyramid images (label, macro, thumbnail). Never read by the engine."""
         return ()

@@ -203,9 +203,11 @@ class TiffTileBackend(SlideBackend):
         downsample = self.level_downsamples[level]
         level_w, level_h = self.level_dimensions[level]
         lx, ly = round(x / downsample), round(y / downsample)
-        out = np.full((height, width, 3), 255, dtype=np.uint8)
         x0, y0 = max(lx, 0), max(ly, 0)
         x1, y1 = min(lx + width, level_w), min(ly + height, level_h)
+        inside = (x0, y0, x1, y1) == (lx, ly, lx + width, ly + height)
+        # Inside the level every pixel is written below (sparse tiles made white there), so no fill.
+        out = np.empty((height, width, 3), dtype=np.uint8) if inside else np.full((height, width, 3), 255, dtype=np.uint8)
         if x1 <= x0 or y1 <= y0:
             return out
         tw, th = page.tilewidth, page.tilelength
@@ -213,13 +215,19 @@ class TiffTileBackend(SlideBackend):
         for row in range(y0 // th, (y1 - 1) // th + 1):
             for col in range(x0 // tw, (x1 - 1) // tw + 1):
                 tile = self._tile(level, row * tiles_across + col)
-                if tile is None:  # sparse: already white
-                    continue
                 tx0, ty0 = col * tw, row * th
                 sx0, sy0 = max(x0, tx0), max(y0, ty0)
                 sx1, sy1 = min(x1, tx0 + tw), min(y1, ty0 + th)
+                if tile is None:  # sparse: background
+                    out[sy0 - ly : sy1 - ly, sx0 - lx : sx1 - lx] = 255
+                    continue
                 out[sy0 - ly : sy1 - ly, sx0 - lx : sx1 - lx] = tile[sy0 - ty0 : sy1 - ty0, sx0 - tx0 : sx1 - tx0]
         return out
+
+    def tile_grid(self, level: int) -> tuple[int, int]:
+        """(width, height) of the level's stored tiles: a read aligned to them decodes each once."""
+        page = self._pages[level]
+        return int(page.tilewidth), int(page.tilelength)
 
     def associated_image_names(self) -> tuple[str, ...]:
         return tuple(series.name.lower() for series in self._tif.series[1:] if series.name)
