@@ -168,10 +168,19 @@ def segment_tissue(rgb: np.ndarray, params) -> tuple[np.ndarray, float]:
     counts = np.histogram(sat[~zone], bins=p.nbins, range=(0.0, 1.0))[0]
     t = otsu(counts)
     t = min(max(t, p.min_threshold), p.max_threshold)
-    mask = (sat.astype(np.float64) > t) & ~glass(rgb, p.white_min, p.grey_max_saturation) & ~zone
+    usable = ~glass(rgb, p.white_min, p.grey_max_saturation) & ~zone
+    mask = (sat.astype(np.float64) > t) & usable
     if h and w:
-        mask = closing(mask, p.closing_radius_px)
-        mask = opening(mask, p.opening_radius_px)
+        closed = closing(mask, p.closing_radius_px)
+        if p.opening_by_reconstruction:
+            seeds = erosion(closed, p.opening_radius_px)
+            mask = reconstruct(seeds, closed)
+        else:
+            seeds = mask = opening(closed, p.opening_radius_px)
+        if p.weak_threshold_ratio < 1.0:  # hysteresis from the seeds not touching the pen zone
+            grow = closed | ((sat.astype(np.float64) > t * float(p.weak_threshold_ratio)) & usable)
+            touching = reconstruct(dilation(zone, 1) & closed, closed)
+            mask = mask | reconstruct(seeds & ~touching, grow)
         if p.max_hole_px > 0:
             mask = fill_holes(mask, p.max_hole_px)
         mask = remove_small_objects(mask, p.min_object_px)

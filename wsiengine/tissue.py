@@ -32,7 +32,7 @@ from .errors import NoTissueError
 from .kernels import TissueSegmentParams, segment_tissue
 from .slide import Slide
 
-__all__ = ["TissueMask", "detect_tissue", "mask_to_polygons", "MAX_THUMBNAIL_READS"]
+__all__ = ["TissueMask", "detect_tissue", "segment_params", "mask_to_polygons", "MAX_THUMBNAIL_READS"]
 
 logger = logging.getLogger("wsiengine")
 
@@ -140,6 +140,27 @@ def mask_to_polygons(raster: np.ndarray, level0_per_mask_px: tuple[float, float]
     return MultiPolygon(polys)
 
 
+def segment_params(config: TissueConfig, mask_mpp: tuple[float, float]) -> TissueSegmentParams:
+    """The kernel parameters, in mask pixels, of ``config``'s micrometre sizes at ``mask_mpp`` (x, y) µm/px.
+
+    Radii are rounded to whole pixels of the geometric-mean pixel side; areas are divided by the
+    pixel area (holes rounded down, objects and ink specks up).
+    """
+    px_area = float(mask_mpp[0]) * float(mask_mpp[1])
+    radius = lambda um: int(round(um / math.sqrt(px_area)))  # noqa: E731
+    return TissueSegmentParams(
+        closing_radius_px=radius(config.closing_um),
+        opening_radius_px=radius(config.opening_um),
+        max_hole_px=int(config.max_hole_um2 / px_area),
+        min_object_px=int(math.ceil(config.min_object_um2 / px_area)),
+        reject_pen=config.reject_pen,
+        pen_dilation_px=radius(config.pen_margin_um),
+        min_pen_object_px=int(math.ceil(config.min_pen_object_um2 / px_area)),
+        weak_threshold_ratio=float(config.hysteresis_ratio),
+        opening_by_reconstruction=bool(config.opening_by_reconstruction),
+    )
+
+
 def detect_tissue(
     slide: Slide,
     *,
@@ -174,17 +195,7 @@ def detect_tissue(
         target *= math.sqrt(pixels / config.max_mask_px) * 1.001
         logger.info("%s: mask coarsened to %.3g µm/px to stay within %d px", slide.path.name, target, config.max_mask_px)
     thumb, (tmx, tmy) = slide.thumbnail(target, read_budget_px=config.read_budget_px, max_reads=MAX_THUMBNAIL_READS)
-    px_area = tmx * tmy
-    radius = lambda um: int(round(um / math.sqrt(px_area)))  # noqa: E731
-    params = TissueSegmentParams(
-        closing_radius_px=radius(config.closing_um),
-        opening_radius_px=radius(config.opening_um),
-        max_hole_px=int(config.max_hole_um2 / px_area),
-        min_object_px=int(math.ceil(config.min_object_um2 / px_area)),
-        reject_pen=config.reject_pen,
-        pen_dilation_px=radius(config.pen_margin_um),
-        min_pen_object_px=int(math.ceil(config.min_pen_object_um2 / px_area)),
-    )
+    params = segment_params(config, (tmx, tmy))
     raster, threshold = segment_tissue(thumb, params, return_threshold=True)
     scale = (w0 / raster.shape[1], h0 / raster.shape[0])
     polygons = mask_to_polygons(raster, scale)

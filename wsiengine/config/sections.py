@@ -113,7 +113,11 @@ class TissueConfig(_Section):
     closing_um : float
         Radius of the morphological closing of the mask, µm.
     opening_um : float
-        Radius of the morphological opening of the mask, µm.
+        Radius of the morphological opening of the mask, µm (specks and threads narrower than it are dropped).
+    opening_by_reconstruction : bool
+        Open by reconstruction: what survives the opening gets its full outline back (tissue edges and pale rims are kept).
+    hysteresis_ratio : float
+        Pale tissue connected to clearly stained tissue is kept down to this fraction of the Otsu saturation threshold (1 disables).
     reject_pen : bool
         Exclude green, blue and red pen ink from the tissue.
     pen_margin_um : float
@@ -131,6 +135,8 @@ class TissueConfig(_Section):
     max_hole_um2: float = 20_000.0
     closing_um: float = 16.0
     opening_um: float = 16.0
+    opening_by_reconstruction: bool = True
+    hysteresis_ratio: float = 0.4
     reject_pen: bool = True
     pen_margin_um: float = 16.0
     min_pen_object_um2: float = 2_000.0
@@ -141,6 +147,7 @@ class TissueConfig(_Section):
             _positive(name, getattr(self, name))
         _non_negative(self, "min_object_um2", "max_hole_um2", "closing_um", "opening_um", "pen_margin_um",
                       "min_pen_object_um2")
+        _fraction("hysteresis_ratio", self.hysteresis_ratio)
         self._check_choices()
 
 
