@@ -18,15 +18,38 @@ micrometres):
    tissue. The threshold is clamped to ``[min_threshold, max_threshold]``: the upper bound
    keeps pale tissue when a thumbnail is mostly tissue (Otsu then splits the tissue), the
    lower bound keeps glass noise out when it is mostly glass.
-4. **Candidates**: ``saturation > threshold`` (float32 saturation compared in float64) and
-   not glass and not in the pen zone.
-5. **Closing** then **opening** with disks of ``closing_radius_px`` and
-   ``opening_radius_px`` (borders as :mod:`~wsiengine.kernels.morphology`).
-6. **Hole filling**: holes (4-connected background not touching the image border) of area
+4. **Candidates** (strong): ``saturation > threshold`` (float32 saturation compared in
+   float64) and not glass and not in the pen zone.
+5. **Closing**, then **opening by reconstruction** (``opening_by_reconstruction``, the
+   default) with disks of ``closing_radius_px`` and ``opening_radius_px`` (borders as
+   :mod:`~wsiengine.kernels.morphology`): the closed candidates are eroded, and every
+   8-connected piece of the closed candidates holding a surviving pixel (a *seed*) is kept
+   whole. Specks and threads narrower than the disk vanish as with a plain opening, but what
+   remains keeps its own outline: a plain opening (erode, then dilate) rounds off corners,
+   notches the boundary and drops rims and spurs narrower than the disk, a loss of up to
+   ``opening_radius_px`` all round a piece of tissue. With ``opening_by_reconstruction``
+   False the plain opening is used and its result is the seeds.
+6. **Hysteresis** (``weak_threshold_ratio < 1``): the seeds also grow, 8-connected, into
+   *weak* pixels, ``saturation > weak_threshold_ratio * threshold``, not glass and not in the
+   pen zone: pale, faintly stained tissue (a subcapsular rim, oedematous or poorly stained
+   areas) joined to clearly stained tissue is kept, while pale specks on their own (dust,
+   glass noise) have no seed. Seeds of a piece within 1 px of the pen zone do not grow (they
+   would follow the blurred halo of an ink smear); such a piece keeps its step-5 outline.
+7. **Hole filling**: holes (4-connected background not touching the image border) of area
    ``<= max_hole_px`` are filled; larger ones (lumens, tears, fat) stay open.
-7. **Small objects**: 8-connected components of area ``< min_object_px`` are removed.
-8. **Pen again**: the pen zone is removed from the result, since steps 5 and 6 may have
+8. **Small objects**: 8-connected components of area ``< min_object_px`` are removed.
+9. **Pen again**: the pen zone is removed from the result, since steps 5 and 7 may have
    closed over ink drawn across tissue.
+
+Why (issue 14): scored cell by cell on a 0.94-gigapixel PCam mosaic of the test split at
+0.972 µm/px (``benchmarks/bench_tissue_coverage.py``: lymph-node blobs of real PCam patches
+including pale and near-empty ones, bleached rims, fat-only pieces, pen strokes), 96-px tiles
+at ``min_tissue=0.5``, the plain opening without hysteresis tiled 94.8 % of the clearly
+cellular cells (mean grey < 200), 84.9 % of those on the tissue edge, 16 % of the
+pale-region cells and 99.2 % of the lesion cells; steps 5 and 6 tile 99.8 %, 99.0 %, 71 % and
+99.9 %, with no kept tile on glass or fat (settings chosen on train and valid slides). The
+kernel costs about 1.4 times the old one (about 65 ms against 47 ms on a 2048 x 2048
+thumbnail, one loaded core).
 
 Every step equals its counterpart in NumPy / SciPy / scikit-image (see
 ``tests/_reference_tissue.py``). Degenerate input is defined: an all-white or constant image
@@ -36,6 +59,9 @@ threads.
 
 Known limits: bright red blood (haemorrhage) can be called red ink; the blurred, brownish
 halo of a black-and-red ink smear that is not itself red, blue, green or dark stays tissue.
+Pale tissue joined only through a piece touching pen ink is not grown into (step 6); very
+faint tissue below ``weak_threshold_ratio * threshold`` or on the glass side of the glass
+rule is still lost.
 """
 
 from __future__ import annotations
@@ -326,9 +352,10 @@ def segment_tissue(
 ) -> np.ndarray | tuple[np.ndarray, float]:
     """Boolean tissue mask of an RGB thumbnail.
 
-    Saturation -> Otsu threshold -> pen and glass rejection -> closing and opening ->
-    filling of holes up to ``max_hole_px`` -> removal of objects below ``min_object_px``
-    (details in the module docstring). All sizes are pixels of ``rgb``.
+    Saturation -> Otsu threshold -> pen and glass rejection -> closing, then opening by
+    reconstruction -> hysteresis into pale, non-glass pixels joined to the result -> filling
+    of holes up to ``max_hole_px`` -> removal of objects below ``min_object_px`` (details in
+    the module docstring). All sizes are pixels of ``rgb``.
 
     Parameters
     ----------

@@ -3,6 +3,7 @@ pipeline against the reference pipeline and on real pen, glass and tissue images
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 
 import numpy as np
@@ -472,8 +473,13 @@ def test_detailed_result_reports_the_glass_mask_pen_zone_and_thresholds_of_the_r
         TissueSegmentParams(closing_radius_px=0, opening_radius_px=4, max_hole_px=10**9, min_object_px=50,
                             pen_dilation_px=6, min_pen_object_px=0, nbins=64, min_threshold=0.0, max_threshold=1.0),
         TissueSegmentParams(white_min=200, grey_max_saturation=0.1, min_threshold=0.2, max_threshold=0.3),
+        TissueSegmentParams(weak_threshold_ratio=1.0, opening_by_reconstruction=False),
+        TissueSegmentParams(weak_threshold_ratio=1.0),
+        TissueSegmentParams(opening_by_reconstruction=False, weak_threshold_ratio=0.0),
+        TissueSegmentParams(opening_radius_px=0, weak_threshold_ratio=0.7, reject_pen=False),
     ],
-    ids=["no-pen", "closing-only", "opening-fill-all", "strict-glass"],
+    ids=["no-pen", "closing-only", "opening-fill-all", "strict-glass", "before-issue-14", "reconstruction-only",
+         "plain-opening-full-hysteresis", "no-opening-hysteresis-no-pen"],
 )
 @pytest.mark.parametrize(
     "name",
@@ -490,13 +496,64 @@ def test_segment_tissue_equals_reference_pipeline_with_other_parameters(load, na
 
 def test_segment_tissue_equals_reference_on_random_noise_images():
     rng = np.random.default_rng(14)
-    params = TissueSegmentParams(min_object_px=5, max_hole_px=6, min_pen_object_px=3)
-    for shape in ((1, 1), (3, 5), (17, 4), (64, 48)):
-        rgb = _random_rgb(rng, shape)
-        mask, threshold = segment_tissue(rgb, params, return_threshold=True)
-        expected, expected_threshold = ref.segment_tissue(rgb, params)
-        assert threshold == expected_threshold
-        np.testing.assert_array_equal(mask, expected)
+    for params in (TissueSegmentParams(min_object_px=5, max_hole_px=6, min_pen_object_px=3),
+                   TissueSegmentParams(min_object_px=5, max_hole_px=6, min_pen_object_px=3, opening_radius_px=1,
+                                       weak_threshold_ratio=0.0, opening_by_reconstruction=False)):
+        for shape in ((1, 1), (3, 5), (17, 4), (64, 48)):
+            rgb = _random_rgb(rng, shape)
+            mask, threshold = segment_tissue(rgb, params, return_threshold=True)
+            expected, expected_threshold = ref.segment_tissue(rgb, params)
+            assert threshold == expected_threshold
+            np.testing.assert_array_equal(mask, expected)
+
+
+def _tissue_on_glass(pale_rim: bool) -> np.ndarray:
+    """A 120 x 120 thumbnail: glass, a 60 x 60 square of stained tissue (saturation 0.5) and,
+    optionally, a 6-px pale rim (saturation 0.09, below the 0.15 threshold) along its right side."""
+    rgb = np.full((120, 120, 3), 240, np.uint8)
+    rgb[30:90, 30:90] = (200, 100, 170)
+    if pale_rim:
+        rgb[30:90, 90:96] = (232, 211, 225)
+    return rgb
+
+
+def test_opening_by_reconstruction_keeps_the_corners_the_plain_opening_rounds_off():
+    rgb = _tissue_on_glass(False)
+    old = segment_tissue(rgb, TissueSegmentParams(opening_by_reconstruction=False, weak_threshold_ratio=1.0,
+                                                  opening_radius_px=4, min_object_px=0))
+    new = segment_tissue(rgb, TissueSegmentParams(opening_radius_px=4, min_object_px=0))
+    square = np.zeros((120, 120), bool)
+    square[30:90, 30:90] = True
+    assert not old[30, 30] and old.sum() < square.sum()  # the plain opening rounds the corners
+    np.testing.assert_array_equal(new, square)
+
+
+def test_hysteresis_keeps_a_pale_rim_joined_to_tissue_but_not_pale_specks_on_glass():
+    rgb = _tissue_on_glass(True)
+    rgb[5:12, 5:12] = (232, 211, 225)  # a pale speck on its own: no seed
+    rgb[100:103, 100:103] = (200, 100, 170)  # a stained speck narrower than the opening disk
+    params = TissueSegmentParams(min_object_px=0, max_hole_px=0, min_threshold=0.15)  # as on a real thumbnail
+    mask, threshold = segment_tissue(rgb, params, return_threshold=True)
+    assert threshold == 0.15
+    assert mask[30:90, 30:96].all(), "the pale rim joined to the tissue is kept"
+    assert not mask[:, 96:].any() and not mask[:30].any() and not mask[90:].any(), "glass and specks stay out"
+    old = segment_tissue(rgb, TissueSegmentParams(min_object_px=0, max_hole_px=0, min_threshold=0.15,
+                                                  weak_threshold_ratio=1.0))
+    assert not old[30:90, 90:96].any()
+
+
+def test_hysteresis_does_not_follow_the_halo_of_pen_ink():
+    # a black marker line touching the tissue, in a pale brownish halo (weak: saturation 0.06,
+    # not glass, not an ink class) that also touches the tissue: the halo is not grown into
+    rgb = _tissue_on_glass(False)
+    rgb[20:100, 90:118] = (226, 214, 212)
+    rgb[40:80, 90:100] = (20, 20, 25)
+    params = TissueSegmentParams(min_object_px=0, max_hole_px=0, min_threshold=0.15)
+    mask = segment_tissue(rgb, params)
+    np.testing.assert_array_equal(mask, ref.segment_tissue(rgb, params)[0])
+    assert mask[30:90, 30:88].all()
+    assert not mask[:, 90:].any()
+    assert segment_tissue(rgb, dataclasses.replace(params, reject_pen=False))[:, 100:].any()  # weak, as claimed
 
 
 @pytest.mark.parametrize("name", images(PEN_IMAGES))

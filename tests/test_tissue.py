@@ -146,3 +146,70 @@ def test_thumbnail_reads_stay_within_the_budget(tmp_path):  # real tissue textur
     assert max(sizes) <= config.read_budget_px and len(sizes) > 16
     assert mask.raster.shape == (round(12288 * 0.25 / 8), round(16384 * 0.25 / 8))
     assert not mask.is_empty
+
+
+#: the mask of before issue 14: plain opening, no hysteresis
+BEFORE_ISSUE_14 = TissueConfig(opening_by_reconstruction=False, hysteresis_ratio=1.0)
+
+
+def _cells_with_a_tile(slide, mask, shape: tuple[int, int], cell_px: int = 96) -> np.ndarray:
+    grid = plan_tiles(slide, mask, target_mpp=slide.mpp[0], tile_px=cell_px, min_tissue=0.5)
+    kept = np.zeros(shape, bool)
+    c = np.asarray(grid.coords) // cell_px
+    kept[c[:, 1], c[:, 0]] = True
+    return kept
+
+
+def test_tissue_edge_and_pale_rim_cells_keep_their_tile_and_glass_next_to_them_gets_none(tmp_path):
+    # 16 x 16 cells of 96 px at 1 µm/px: an 8 x 8 square of real tissue texture, a pale
+    # (bleached) rim one cell wide along its right side, glass everywhere else.
+    texture = sample_region("sample-tissue")
+    tissue = np.tile(texture, (-(-768 // texture.shape[0]), -(-768 // texture.shape[1]), 1))[:768, :768]
+    image = np.full((1536, 1536, 3), 240, np.uint8)
+    image[384:1152, 384:1152] = tissue
+    rim = tissue[:, :96].astype(np.float64)
+    image[384:1152, 1152:1248] = np.round(255 - (255 - rim) * 0.4).astype(np.uint8)
+    slide = _image_as_slide(image, tmp_path / "rim.tif", mpp=1.0)
+    grey = image.reshape(16, 96, 16, 96, 3).mean(axis=(1, 3, 4))
+    placed = np.zeros((16, 16), bool)
+    placed[4:12, 4:13] = True
+    cellular = placed & (grey < 200)
+    edge = cellular.copy()
+    edge[5:11, 5:11] = False
+    pale = np.zeros((16, 16), bool)
+    pale[4:12, 12] = True
+    assert edge.sum() >= 20 and (grey[pale] > 200).all()
+
+    kept = _cells_with_a_tile(slide, detect_tissue(slide), (16, 16))
+    assert kept[cellular].all() and kept[edge].all(), "cellular cells lost"
+    assert kept[pale].all(), "the pale rim lost its tiles"
+    assert not kept[~placed].any(), "tiles on glass"
+
+    before = _cells_with_a_tile(slide, detect_tissue(slide, config=BEFORE_ISSUE_14), (16, 16))
+    assert before[pale].mean() < 0.5  # what issue 14 reported: pale rims eroded
+
+
+def test_pcam_mosaic_edge_cells_keep_their_tile_with_near_empty_patches_in_tissue(tmp_path):
+    from wsiengine.testing.mosaic import PatchPool, make_mosaic_slide
+
+    pool = PatchPool.from_pcam(shared_file("pcam/valid/0").parents[1], "valid")
+    mosaic = make_mosaic_slide(tmp_path / "m.tiff", pool, label=1, seed=5, min_stained=0.0, levels=(1, 4, 16))
+    slide = open_slide(mosaic.path)
+    rows, cols = mosaic.grid_shape
+    r, c = mosaic.cell_xy[:, 1] // 96, mosaic.cell_xy[:, 0] // 96
+    placed = np.zeros((rows, cols), bool)
+    placed[r, c] = True
+    with tifffile.TiffFile(mosaic.path) as tif:
+        level0 = tif.pages[0].asarray()
+    grey = level0[: rows * 96, : cols * 96].reshape(rows, 96, cols, 96, 3).mean(axis=(1, 3, 4))
+    pad = np.pad(~placed, 1, constant_values=True)
+    edge = placed & (grey < 200) & (pad[:-2, 1:-1] | pad[2:, 1:-1] | pad[1:-1, :-2] | pad[1:-1, 2:])
+    lesion = np.zeros_like(placed)
+    lesion[r[mosaic.cell_label == 1], c[mosaic.cell_label == 1]] = True
+
+    kept = _cells_with_a_tile(slide, detect_tissue(slide), (rows, cols))
+    before = _cells_with_a_tile(slide, detect_tissue(slide, config=BEFORE_ISSUE_14), (rows, cols))
+    assert kept[edge].mean() >= 0.95 > before[edge].mean()
+    assert kept[placed & (grey < 200)].mean() >= 0.98
+    assert kept[lesion].mean() >= 0.98
+    assert not kept[~placed].any()
