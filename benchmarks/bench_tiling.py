@@ -3,10 +3,12 @@
 
     python benchmarks/bench_tiling.py SLIDE [--target-mpp 0.5] [--tile-px 224] [--batch-size 64] [--workers N]
     python benchmarks/bench_tiling.py --generate 32768x32768 [--keep DIR] [--pen] [--seed 0]
+    python benchmarks/bench_tiling.py --cases all [--keep DIR] [--pcam ../shared/data/pcam]   # or --case pcam-96 ...
     ... [--json [FILE]]      machine-readable results ("-" or no value: stdout, instead of the table)
 
-For wsiengine it measures ``we.detect_tissue`` (mask ms; the first, JIT-compiling call is
-reported separately as warm-up), ``we.plan_tiles`` (plan ms) and ``we.stream_patches``
+For wsiengine it measures ``we.detect_tissue`` (mask ms, median of ``--repeat`` calls, split into
+the time in ``Slide.thumbnail`` (reading) and in the Numba kernel ``segment_tissue``, both timed
+inside the real calls; the first, JIT-compiling call is reported separately as warm-up), ``we.plan_tiles`` (plan ms) and ``we.stream_patches``
 (patches/s over all batches, and the time to the first batch), after a one-patch warm-up call
 that is reported apart (the first call in a process imports dask's scheduler). The **baseline**, in the same run,
 is a single-threaded loop of ``openslide.OpenSlide.read_region`` over the same grid: same
@@ -18,6 +20,19 @@ Each measured phase runs in a fresh interpreter (this script re-invoked with a h
 over from another phase. The grid planned in the mask phase is handed to the stream and
 baseline phases through a temporary file. The slide file is read through once beforehand so
 every phase starts with the same (warm) page cache.
+
+The reading cases of issue 14 (``--case NAME``, ``--cases all``; :data:`CASES`) generate their
+slides (into a temporary folder, or ``--keep DIR`` to keep and reuse them) and run each as above,
+then print one summary row per case:
+
+- ``pcam-96``: 96 px at level 0 of a 30,720 px square (0.94 gigapixel) mosaic of real PCam
+  ``train`` patches at 0.972 µm/px, JPEG 256-px tiles, levels 1/4/16 (a synthetic slide when PCam
+  is absent); written tile by tile (see :func:`phase_mosaic` for why not ``make_mosaic_slide``);
+- ``40x-96``: 96 px at 0.972 µm/px from a 0.25 µm/px synthetic slide of real tissue texture
+  (``wsiengine.testing.make_pyramidal_slide``, 32,768 px square, levels 1/4/16);
+- ``40x-224``: 224 px at 0.5 µm/px from the same slide;
+- ``ome-224``: as ``40x-224`` on an OME-TIFF copy of it (levels as SubIFDs, the stored tiles
+  copied as they are). OpenSlide opens only its level 0, which is what this grid reads.
 
 The Numba tissue kernel alone (``wsiengine.kernels.segment_tissue``) is also timed on a
 2048 x 2048 thumbnail of the slide, when it can be imported (goal: <= 100 ms).
@@ -78,6 +93,12 @@ def _cpu_s() -> float:
     return usage.ru_utime + usage.ru_stime
 
 
+def _median(values: list[float]) -> float:
+    ordered = sorted(values)
+    n = len(ordered)
+    return ordered[n // 2] if n % 2 else (ordered[n // 2 - 1] + ordered[n // 2]) / 2
+
+
 def _emit(result: dict[str, Any]) -> None:
     result["peak_rss_mb"] = round(_peak_rss_mb(), 1)
     print(RESULT_MARK + json.dumps(result), flush=True)
@@ -125,23 +146,46 @@ def phase_engine(args: dict[str, Any]) -> None:
 
     import wsiengine as we
 
+    import wsiengine.tissue as tissue_module
+
     rss_imports = _current_rss_mb()
     slide = we.open_slide(args["slide"], backend=args["backend"])
+    # The split of detect_tissue: time spent in Slide.thumbnail (reading) and in the Numba kernel,
+    # measured inside the real calls by wrapping them (whatever detect_tissue does around them).
+    spent = {"thumbnail": 0.0, "kernel": 0.0}
+
+    def timed(name, function):
+        def wrapper(*a, **k):
+            start = time.perf_counter()
+            try:
+                return function(*a, **k)
+            finally:
+                spent[name] += time.perf_counter() - start
+        return wrapper
+
+    slide.thumbnail = timed("thumbnail", slide.thumbnail)
+    kernel_wrapped = hasattr(tissue_module, "segment_tissue")
+    if kernel_wrapped:
+        tissue_module.segment_tissue = timed("kernel", tissue_module.segment_tissue)
     start = time.perf_counter()
     we.detect_tissue(slide)  # includes Numba JIT compilation (or cache loading)
     warmup_ms = (time.perf_counter() - start) * 1e3
-    times = []
+    times, thumb_times, kernel_times = [], [], []
     for _ in range(args["repeat"]):
+        spent.update(thumbnail=0.0, kernel=0.0)
         start = time.perf_counter()
         mask = we.detect_tissue(slide)
         times.append((time.perf_counter() - start) * 1e3)
-    mask_ms = min(times)
+        thumb_times.append(spent["thumbnail"] * 1e3)
+        kernel_times.append(spent["kernel"] * 1e3)
+    mask_ms = _median(times)
+    mask_times = times
     times = []
     for _ in range(args["repeat"]):
         start = time.perf_counter()
         grid = we.plan_tiles(slide, mask, target_mpp=args["target_mpp"], tile_px=args["tile_px"], min_tissue=args["min_tissue"])
         times.append((time.perf_counter() - start) * 1e3)
-    plan_ms = min(times)
+    plan_ms = _median(times)
 
     with open(args["grid_pickle"], "wb") as handle:
         pickle.dump(grid, handle)
@@ -158,6 +202,10 @@ def phase_engine(args: dict[str, Any]) -> None:
         "mpp_source": slide.mpp_source,
         "mask_warmup_ms": round(warmup_ms, 1),
         "mask_ms": round(mask_ms, 1),
+        "mask_ms_runs": [round(t, 1) for t in mask_times],
+        "thumbnail_ms": round(_median(thumb_times), 1),
+        "kernel_ms": round(_median(kernel_times), 1) if kernel_wrapped else None,
+        "mask_repeats": args["repeat"],
         "mask_shape": list(mask.raster.shape),
         "mask_mpp": list(mask.mask_mpp),
         "tissue_fraction": round(mask.tissue_fraction, 4),
@@ -291,7 +339,124 @@ def phase_baseline(args: dict[str, Any]) -> None:
     })
 
 
+def phase_mosaic(args: dict[str, Any]) -> None:
+    """A PCam-mosaic slide of ``size`` x ``size`` px at 0.972 µm/px, written tile by tile.
+
+    :func:`wsiengine.testing.mosaic.make_mosaic_slide` holds level 0 in memory and never repeats a
+    patch, so it cannot reach a gigapixel from PCam's 20,000 training patches in bounded memory.
+    This lays real PCam ``train`` patches (``n_patches`` of them, reused) on the same 96-px
+    lattice inside a few tissue ellipses on near-white glass, and encodes each 256-px JPEG tile
+    (YCbCr 4:2:0, quality 90) of levels 1, 4 and 16 from the cells under it, so memory stays at the
+    patch set plus a few tiles whatever the size.
+    """
+    from concurrent.futures import ThreadPoolExecutor
+
+    import imagecodecs
+    import numpy as np
+    import tifffile
+    from PIL import Image
+
+    from wsiengine.testing.mosaic import PATCH_PX, PCAM_MPP, PatchPool
+
+    start = time.perf_counter()
+    rng = np.random.default_rng(args["seed"])
+    pool = PatchPool.from_pcam(args["pcam"], "train")
+    paths = list(pool.normal) + list(pool.tumour)
+    chosen = rng.choice(len(paths), size=min(args["n_patches"], len(paths)), replace=False)
+    patches = np.stack([np.asarray(Image.open(paths[i]).convert("RGB")) for i in chosen])
+    size, cell, tile = args["size"], PATCH_PX, 256
+    cells = -(-size // cell)
+    # Tissue: a few ellipses (cell units); glass elsewhere (index -1).
+    yy, xx = np.mgrid[0:cells, 0:cells]
+    tissue = np.zeros((cells, cells), bool)
+    for _ in range(3):
+        cx, cy = rng.uniform(0.25, 0.75, 2) * cells
+        ax, ay = rng.uniform(0.12, 0.22, 2) * cells
+        tissue |= ((xx - cx) / ax) ** 2 + ((yy - cy) / ay) ** 2 <= 1
+    index = np.where(tissue, rng.integers(0, len(patches), (cells, cells)), -1)
+    glass = np.clip(np.array([240, 240, 238]) + rng.normal(0, 2, (8, cell, cell, 3)), 0, 255).astype(np.uint8)
+    table = np.concatenate([patches, glass])  # glass variants after the patches
+    index = np.where(index < 0, len(patches) + rng.integers(0, len(glass), index.shape), index)
+
+    def level0(x0: int, y0: int, w: int, h: int) -> np.ndarray:
+        """Level-0 pixels [x0, x0 + w) x [y0, y0 + h) (inside the slide)."""
+        c0, c1 = x0 // cell, (x0 + w - 1) // cell + 1
+        r0, r1 = y0 // cell, (y0 + h - 1) // cell + 1
+        block = table[index[r0:r1, c0:c1]]  # (rows, cols, 96, 96, 3)
+        block = block.transpose(0, 2, 1, 3, 4).reshape((r1 - r0) * cell, (c1 - c0) * cell, 3)
+        return block[y0 - r0 * cell : y0 - r0 * cell + h, x0 - c0 * cell : x0 - c0 * cell + w]
+
+    jpeg = dict(level=90, colorspace="RGB", outcolorspace="YCBCR", subsampling=(2, 2))
+
+    def encoded(d: int, tx: int, ty: int) -> bytes:
+        lw = -(-size // d)
+        x0, y0 = tx * tile * d, ty * tile * d
+        w, h = min(tile * d, size - x0), min(tile * d, size - y0)
+        image = level0(x0, y0, w, h)
+        if d > 1:
+            image = np.asarray(Image.fromarray(np.ascontiguousarray(image)).reduce(d))
+        out = np.full((tile, tile, 3), 255, np.uint8)
+        out[: image.shape[0], : image.shape[1]] = image
+        del lw
+        return imagecodecs.jpeg8_encode(out, **jpeg)
+
+    mpp = PCAM_MPP
+    with tifffile.TiffWriter(args["path"], bigtiff=True) as writer, ThreadPoolExecutor(os.cpu_count() or 1) as ex:
+        for n, d in enumerate((1, 4, 16)):
+            lw = -(-size // d)
+            across = -(-lw // tile)
+
+            def tiles(d=d, across=across):
+                for ty in range(across):
+                    yield from ex.map(lambda tx: encoded(d, tx, ty), range(across))
+
+            writer.write(tiles(), shape=(lw, lw, 3), dtype=np.uint8, tile=(tile, tile), photometric="rgb",
+                         compression="jpeg", subfiletype=0 if n == 0 else 1,
+                         resolution=(1e4 / (mpp * d), 1e4 / (mpp * d)), resolutionunit="CENTIMETER",
+                         description=f"PCam mosaic benchmark slide {size}x{size} mpp={mpp}" if n == 0 else None,
+                         metadata=None, maxworkers=1)
+    _emit({"seconds": round(time.perf_counter() - start, 2), "file_mb": round(Path(args["path"]).stat().st_size / 2**20, 1),
+           "tissue_fraction": round(float(tissue.mean()), 4), "levels": [[-(-size // d)] * 2 for d in (1, 4, 16)],
+           "patches": int(len(patches))})
+
+
+def phase_ome(args: dict[str, Any]) -> None:
+    """The generic pyramid ``source`` rewritten as an OME-TIFF (levels as SubIFDs of the first
+    image, axes YXS), copying the stored JPEG tiles as they are (no re-encoding)."""
+    import numpy as np
+    import tifffile
+
+    start = time.perf_counter()
+    with tifffile.TiffFile(args["source"]) as src:
+        pages = [level.keyframe for level in src.series[0].levels]
+        mpp = args["mpp"]
+        with open(args["source"], "rb") as handle, tifffile.TiffWriter(args["path"], bigtiff=True, ome=True) as writer:
+            def raw(page):
+                for offset, count in zip(page.dataoffsets, page.databytecounts):
+                    handle.seek(offset)
+                    yield handle.read(count)
+
+            for n, page in enumerate(pages):
+                if page.jpegtables is not None:
+                    raise ValueError("source tiles use shared JPEG tables; raw copy not supported")
+                d = pages[0].imagewidth / page.imagewidth
+                options = dict(shape=page.shape, dtype=np.uint8, tile=(page.tilelength, page.tilewidth),
+                               photometric=page.photometric, compression=page.compression,
+                               resolution=(1e4 / (mpp * d), 1e4 / (mpp * d)), resolutionunit="CENTIMETER")
+                if int(page.photometric) == 6:  # YCbCr JPEG
+                    options["subsampling"] = page.subsampling
+                if n == 0:
+                    writer.write(raw(page), subifds=len(pages) - 1,
+                                 metadata={"axes": "YXS", "PhysicalSizeX": mpp, "PhysicalSizeY": mpp}, **options)
+                else:
+                    writer.write(raw(page), subfiletype=1, **options)
+    _emit({"seconds": round(time.perf_counter() - start, 2), "file_mb": round(Path(args["path"]).stat().st_size / 2**20, 1),
+           "tissue_fraction": None, "levels": [[int(p.imagewidth), int(p.imagelength)] for p in pages]})
+
+
 PHASES = {
+    "mosaic": phase_mosaic,
+    "ome": phase_ome,
     "generate": phase_generate,
     "engine": phase_engine,
     "kernel": phase_kernel,
@@ -397,7 +562,8 @@ def format_table(report: dict[str, Any]) -> str:
         else:
             lines.append(
                 f"generate: {gen['seconds']:.1f} s, peak RSS {gen['peak_rss_mb']:.0f} MB, {gen['file_mb']:.0f} MB file, "
-                f"tissue {gen['tissue_fraction']:.1%}, levels {gen['levels']}"
+                + (f"tissue {gen['tissue_fraction']:.1%}, " if gen.get("tissue_fraction") is not None else "")
+                + f"levels {gen['levels']}"
             )
     e = report["engine"]
     if "error" in e:
@@ -414,7 +580,9 @@ def format_table(report: dict[str, Any]) -> str:
     )
     lines.append("")
     rows = [("phase", "figure", "peak RSS MB", "note")]
-    rows.append(("mask (detect_tissue)", f"{e['mask_ms']:.1f} ms", f"{e['peak_rss_mb']:.0f}", f"warm-up (JIT) {e['mask_warmup_ms']:.0f} ms"))
+    split = f"thumbnail read {e['thumbnail_ms']:.1f} ms + kernel {e['kernel_ms']:.1f} ms; " if e.get("kernel_ms") is not None else ""
+    rows.append(("mask (detect_tissue)", f"{e['mask_ms']:.1f} ms", f"{e['peak_rss_mb']:.0f}",
+                 f"{split}median of {e.get('mask_repeats', '?')}; warm-up (JIT) {e['mask_warmup_ms']:.0f} ms"))
     rows.append(("plan (plan_tiles)", f"{e['plan_ms']:.2f} ms", "(same)", ""))
     k = report.get("kernel") or {}
     if "ms" in k:
@@ -458,11 +626,132 @@ def format_table(report: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+#: The reading cases of issue 14 (``--case NAME`` or ``--cases all``): a slide each is generated
+#: into the work folder (``--keep DIR`` keeps it for reuse), then benchmarked as a SLIDE is.
+CASES: dict[str, dict[str, Any]] = {
+    "pcam-96": {
+        "about": "96 px at level 0 of a 0.97 µm/px PCam mosaic (30,720 px square, 0.94 gigapixel)",
+        "slide": "pcam-mosaic-30720.tiff", "make": "mosaic", "size": 30720, "mpp": 0.972,
+        "target_mpp": 0.972, "tile_px": 96,
+    },
+    "40x-96": {
+        "about": "96 px at 0.972 µm/px from a 0.25 µm/px slide (32,768 px square, 1.07 gigapixel)",
+        "slide": "synthetic-40x-32768.tiff", "make": "synthetic", "size": 32768, "mpp": 0.25,
+        "target_mpp": 0.972, "tile_px": 96,
+    },
+    "40x-224": {
+        "about": "224 px at 0.5 µm/px from a 0.25 µm/px slide (the same slide)",
+        "slide": "synthetic-40x-32768.tiff", "make": "synthetic", "size": 32768, "mpp": 0.25,
+        "target_mpp": 0.5, "tile_px": 224,
+    },
+    "ome-224": {
+        "about": "224 px at 0.5 µm/px from the 0.25 µm/px slide rewritten as OME-TIFF (levels as SubIFDs; "
+                 "OpenSlide reads its level 0 only, which is what this grid reads)",
+        "slide": "synthetic-40x-32768.ome.tiff", "make": "ome", "source": "40x-224", "size": 32768, "mpp": 0.25,
+        "target_mpp": 0.5, "tile_px": 224,
+    },
+}
+
+
+def make_case_slide(name: str, out_dir: Path, opts, quiet: bool) -> tuple[Path, dict[str, Any] | None]:
+    """The case's slide in ``out_dir``, generated unless already there; and the generate phase's result."""
+    case = CASES[name]
+    path = out_dir / case["slide"]
+    if path.is_file():
+        return path, None
+    if case["make"] == "ome":
+        source, made = make_case_slide(case["source"], out_dir, opts, quiet)
+        if made is not None and "error" in made:
+            return path, made
+        result = run_phase("ome", {"path": str(path), "source": str(source), "mpp": case["mpp"]}, quiet=quiet)
+    elif case["make"] == "mosaic":
+        pcam = Path(opts.pcam)
+        if (pcam / "train" / "0").is_dir():
+            result = run_phase("mosaic", {"path": str(path), "size": case["size"], "seed": opts.seed, "pcam": str(pcam),
+                                          "n_patches": 4000}, quiet=quiet)
+        else:  # no PCam: a synthetic slide of the same size and resolution
+            print(f"  PCam not found at {pcam}: a synthetic slide instead", file=sys.stderr)
+            result = run_phase("generate", {"path": str(path), "width": case["size"], "height": case["size"],
+                                            "mpp": case["mpp"], "pen": False, "seed": opts.seed}, quiet=quiet)
+    else:
+        result = run_phase("generate", {"path": str(path), "width": case["size"], "height": case["size"],
+                                        "mpp": case["mpp"], "pen": False, "seed": opts.seed}, quiet=quiet)
+    return path, result
+
+
+def benchmark_slide(slide_path: Path, settings: dict[str, Any], workdir: Path, opts, quiet: bool) -> dict[str, Any]:
+    """Engine (mask, plan), kernel, and alternated stream / baseline rounds on one slide."""
+    report: dict[str, Any] = {"slide": str(slide_path), "settings": settings}
+    if not opts.no_preread:
+        report["preread_s"] = round(preread(slide_path), 2)
+    common = {
+        "slide": str(slide_path), "backend": settings["backend"], "target_mpp": settings["target_mpp"],
+        "tile_px": settings["tile_px"], "batch_size": settings["batch_size"], "workers": settings["workers"],
+        "min_tissue": settings["min_tissue"], "repeat": opts.repeat,
+        "grid_pickle": str(workdir / "grid.pkl"), "grid_npz": str(workdir / "grid.npz"),
+    }
+    report["engine"] = run_phase("engine", common, quiet=quiet)
+    if "error" not in report["engine"] and report["engine"]["tiles"] == 0:
+        report["engine"]["error"] = "the grid has no tiles (no tissue found?): nothing to stream"
+    if "error" in report["engine"]:
+        return report
+    report["kernel"] = run_phase("kernel", common, quiet=quiet)
+    # Alternate engine and baseline rounds so drifting machine load hits both alike.
+    stream_runs, baseline_runs = [], []
+    for _ in range(max(1, opts.rounds)):
+        stream_runs.append(run_phase("stream", common, quiet=quiet))
+        if not opts.skip_baseline:
+            baseline_runs.append(run_phase("baseline", common, quiet=quiet))
+    report["stream"] = _aggregate(stream_runs)
+    report["baseline"] = _aggregate(baseline_runs) if baseline_runs else {"error": "skipped"}
+    st, bl = report["stream"], report["baseline"]
+    if "error" not in st and "error" not in bl and bl.get("patches_per_s"):
+        report["ratio"] = {
+            "throughput": round(st["patches_per_s"] / bl["patches_per_s"], 3),
+            "peak_rss": round(st["peak_rss_mb"] / bl["peak_rss_mb"], 3),
+            "cpu_per_patch": round(st["cpu_ms_per_patch"] / bl["cpu_ms_per_patch"], 3),
+        }
+    return report
+
+
+def format_cases(reports: dict[str, dict[str, Any]]) -> str:
+    """One row per case: patches/s of wsiengine and the OpenSlide loop, ratio, peak RSS, detect_tissue split."""
+    rows = [("case", "patches", "wsiengine p/s", "openslide p/s", "ratio", "peak RSS MB (we / os)",
+             "detect_tissue ms", "thumbnail ms", "kernel ms")]
+    for name, r in reports.items():
+        e, st, bl = r.get("engine", {}), r.get("stream", {}), r.get("baseline", {})
+        if "error" in e or "error" in st:
+            rows.append((name, "ERROR", (e.get("error") or st.get("error") or "")[:60], "", "", "", "", "", ""))
+            continue
+        ratio = r.get("ratio", {}).get("throughput")
+        rows.append((
+            name, str(st["patches"]), f"{st['patches_per_s']:.0f}",
+            f"{bl['patches_per_s']:.0f}" if "patches_per_s" in bl else "n/a",
+            f"{ratio:.2f}x" if ratio else "n/a",
+            f"{st['peak_rss_mb']:.0f} / {bl['peak_rss_mb']:.0f}" if "peak_rss_mb" in bl else f"{st['peak_rss_mb']:.0f} / n/a",
+            f"{e['mask_ms']:.0f}", f"{e.get('thumbnail_ms', float('nan')):.0f}",
+            f"{e['kernel_ms']:.0f}" if e.get("kernel_ms") is not None else "n/a",
+        ))
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+    lines = []
+    for n, r in enumerate(rows):
+        lines.append("  ".join(c.ljust(widths[i]) for i, c in enumerate(r)).rstrip())
+        if n == 0:
+            lines.append("  ".join("-" * w for w in widths))
+    lines.append("(patches/s: medians of alternated rounds, each in a fresh interpreter; detect_tissue, thumbnail and "
+                 "kernel: medians of --repeat warm calls, thumbnail and kernel timed inside detect_tissue)")
+    return "\n".join(lines)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("slide", nargs="?", help="slide to benchmark")
     parser.add_argument("--generate", metavar="WxH", help="benchmark a synthetic slide of this size (e.g. 32768x32768) instead")
-    parser.add_argument("--keep", metavar="DIR", help="with --generate: write the slide into DIR and keep it")
+    parser.add_argument("--case", action="append", choices=sorted(CASES), help="generate and benchmark a reading case (repeatable)")
+    parser.add_argument("--cases", choices=["all"], help="all the reading cases: " + ", ".join(CASES))
+    parser.add_argument("--pcam", default=str(Path(os.environ.get("WSIENGINE_SHARED", REPO.parent / "shared")) / "data" / "pcam"),
+                        help="PCam folder for the pcam-96 case (default ../shared/data/pcam)")
+    parser.add_argument("--keep", metavar="DIR", help="with --generate / --case: write the slides into DIR and keep (and reuse) them")
     parser.add_argument("--mpp", type=float, default=0.25, help="with --generate: level-0 µm/px (default 0.25)")
     parser.add_argument("--seed", type=int, default=0, help="with --generate: seed (default 0)")
     parser.add_argument("--pen", action="store_true", help="with --generate: add pen strokes")
@@ -472,7 +761,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--workers", type=int, default=0, help="stream_patches reader threads (default: one per core)")
     parser.add_argument("--min-tissue", type=float, default=0.25)
     parser.add_argument("--backend", default="auto", choices=["auto", "tifffile", "openslide", "tiffslide"], help="wsiengine backend")
-    parser.add_argument("--repeat", type=int, default=3, help="timed repeats of mask and plan (best is reported)")
+    parser.add_argument("--repeat", type=int, default=3, help="timed repeats of mask and plan (medians are reported)")
     parser.add_argument("--rounds", type=int, default=3, help="stream and baseline runs, alternated; medians are reported (default 3)")
     parser.add_argument("--skip-baseline", action="store_true")
     parser.add_argument("--no-preread", action="store_true", help="do not warm the page cache with the slide file first")
@@ -484,63 +773,52 @@ def main(argv: list[str] | None = None) -> int:
     if opts._phase:
         PHASES[opts._phase](json.loads(opts._args))
         return 0
-    if bool(opts.slide) == bool(opts.generate):
-        parser.error("give a SLIDE or --generate WxH (one of them)")
+    cases = list(CASES) if opts.cases else list(dict.fromkeys(opts.case or []))
+    if sum(map(bool, (opts.slide, opts.generate, cases))) != 1:
+        parser.error("give a SLIDE, --generate WxH or --case NAME / --cases all (one of them)")
     quiet = opts.json == "-"
 
     report: dict[str, Any] = {"machine": machine_info(), "versions": versions()}
     workdir = Path(tempfile.mkdtemp(prefix="wsiengine-bench-"))
+    out_dir = Path(opts.keep) if opts.keep else workdir
+    out_dir.mkdir(parents=True, exist_ok=True)
+    settings = {"target_mpp": opts.target_mpp, "tile_px": opts.tile_px, "batch_size": opts.batch_size,
+                "workers": opts.workers, "min_tissue": opts.min_tissue, "backend": opts.backend}
     try:
-        if opts.generate:
-            try:
-                width, height = (int(v) for v in opts.generate.lower().split("x"))
-            except ValueError:
-                parser.error(f"--generate takes WxH, e.g. 32768x32768, got {opts.generate!r}")
-            out_dir = Path(opts.keep) if opts.keep else workdir
-            out_dir.mkdir(parents=True, exist_ok=True)
-            slide_path = out_dir / f"synthetic-{width}x{height}-seed{opts.seed}.tiff"
-            report["generate"] = run_phase("generate", {
-                "path": str(slide_path), "width": width, "height": height, "mpp": opts.mpp, "pen": opts.pen, "seed": opts.seed,
-            }, quiet=quiet)
-            if "error" in report["generate"]:
-                print(format_table({**report, "slide": str(slide_path), "settings": {}, "engine": {"error": "no slide"}}), file=sys.stderr)
-                return 1
+        if cases:
+            report["cases"] = {}
+            for name in cases:
+                case = CASES[name]
+                if not quiet:
+                    print(f"case {name}: {case['about']}", file=sys.stderr, flush=True)
+                path, made = make_case_slide(name, out_dir, opts, quiet)
+                if made is not None and "error" in made:
+                    report["cases"][name] = {"slide": str(path), "settings": {}, "generate": made, "engine": {"error": "no slide"}}
+                    continue
+                case_settings = {**settings, "target_mpp": case["target_mpp"], "tile_px": case["tile_px"]}
+                result = benchmark_slide(path, case_settings, workdir, opts, quiet)
+                if made is not None:
+                    result["generate"] = made
+                result["about"] = case["about"]
+                report["cases"][name] = result
         else:
-            slide_path = Path(opts.slide)
-            if not slide_path.is_file():
-                parser.error(f"slide {slide_path} does not exist")
-        report["slide"] = str(slide_path)
-        report["settings"] = {
-            "target_mpp": opts.target_mpp, "tile_px": opts.tile_px, "batch_size": opts.batch_size, "workers": opts.workers,
-            "min_tissue": opts.min_tissue, "backend": opts.backend,
-        }
-        if not opts.no_preread:
-            report["preread_s"] = round(preread(slide_path), 2)
-        common = {
-            "slide": str(slide_path), "backend": opts.backend, "target_mpp": opts.target_mpp, "tile_px": opts.tile_px,
-            "batch_size": opts.batch_size, "workers": opts.workers, "min_tissue": opts.min_tissue, "repeat": opts.repeat,
-            "grid_pickle": str(workdir / "grid.pkl"), "grid_npz": str(workdir / "grid.npz"),
-        }
-        report["engine"] = run_phase("engine", common, quiet=quiet)
-        if "error" not in report["engine"] and report["engine"]["tiles"] == 0:
-            report["engine"]["error"] = "the grid has no tiles (no tissue found?): nothing to stream"
-        if "error" not in report["engine"]:
-            report["kernel"] = run_phase("kernel", common, quiet=quiet)
-            # Alternate engine and baseline rounds so drifting machine load hits both alike.
-            stream_runs, baseline_runs = [], []
-            for _ in range(max(1, opts.rounds)):
-                stream_runs.append(run_phase("stream", common, quiet=quiet))
-                if not opts.skip_baseline:
-                    baseline_runs.append(run_phase("baseline", common, quiet=quiet))
-            report["stream"] = _aggregate(stream_runs)
-            report["baseline"] = _aggregate(baseline_runs) if baseline_runs else {"error": "skipped"}
-            st, bl = report["stream"], report["baseline"]
-            if "error" not in st and "error" not in bl and bl.get("patches_per_s"):
-                report["ratio"] = {
-                    "throughput": round(st["patches_per_s"] / bl["patches_per_s"], 3),
-                    "peak_rss": round(st["peak_rss_mb"] / bl["peak_rss_mb"], 3),
-                    "cpu_per_patch": round(st["cpu_ms_per_patch"] / bl["cpu_ms_per_patch"], 3),
-                }
+            if opts.generate:
+                try:
+                    width, height = (int(v) for v in opts.generate.lower().split("x"))
+                except ValueError:
+                    parser.error(f"--generate takes WxH, e.g. 32768x32768, got {opts.generate!r}")
+                slide_path = out_dir / f"synthetic-{width}x{height}-seed{opts.seed}.tiff"
+                report["generate"] = run_phase("generate", {
+                    "path": str(slide_path), "width": width, "height": height, "mpp": opts.mpp, "pen": opts.pen, "seed": opts.seed,
+                }, quiet=quiet)
+                if "error" in report["generate"]:
+                    print(format_table({**report, "slide": str(slide_path), "settings": {}, "engine": {"error": "no slide"}}), file=sys.stderr)
+                    return 1
+            else:
+                slide_path = Path(opts.slide)
+                if not slide_path.is_file():
+                    parser.error(f"slide {slide_path} does not exist")
+            report.update(benchmark_slide(slide_path, settings, workdir, opts, quiet))
     finally:
         shutil.rmtree(workdir, ignore_errors=True)
 
@@ -551,7 +829,16 @@ def main(argv: list[str] | None = None) -> int:
         else:
             Path(opts.json).write_text(text + "\n")
     if opts.json != "-":
-        print(format_table(report))
+        if cases:
+            for name, result in report["cases"].items():
+                print(f"\n== case {name}: {result.get('about', '')}")
+                print(format_table({**report, **result}))
+            print("\n== reading cases")
+            print(format_cases(report["cases"]))
+        else:
+            print(format_table(report))
+    if cases:
+        return 0 if all("error" not in r.get(k, {}) for r in report["cases"].values() for k in ("engine", "stream")) else 1
     return 0 if all("error" not in report.get(k, {}) for k in ("engine", "stream")) else 1
 
 

@@ -70,6 +70,24 @@ def test_backends_list_associated_images_they_never_read(cmu_small, backend):
         assert {"label", "macro", "thumbnail"} <= set(slide.backend.associated_image_names())
 
 
+@pytest.mark.parametrize("backend", ["tifffile", "openslide", "tiffslide"])
+def test_backends_report_the_stored_tile_grid_their_aligned_reads_follow(cmu_small, backend):
+    with open_slide(cmu_small, backend=backend) as slide:
+        grid = slide.backend.tile_grid(0)
+        assert grid == (240, 240)  # the sample slide's stored JPEG tiles
+        # a read of whole stored tiles (the last column cut by the level edge) matches the direct path's
+        region = slide.read_region((1920, 240), 0, (300, 480))
+        with open_slide(cmu_small, backend="tifffile") as direct:
+            expected = direct.read_region((1920, 240), 0, (300, 480))
+        assert np.abs(region.astype(int) - expected).mean() < 0.5
+
+
+def test_tile_grid_is_optional_for_a_backend(cmu_small):
+    from wsiengine.backends.base import SlideBackend
+
+    assert SlideBackend.tile_grid(object(), 0) is None  # the default: unknown, Slide.thumbnail reads f-aligned pieces
+
+
 REFUSED = [(f, b) for f, (bs, _) in READABLE.items() for b in BACKENDS if b not in bs]
 
 

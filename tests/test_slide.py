@@ -243,3 +243,13 @@ def test_damaged_tile_in_the_thumbnail_area_raises_naming_it(cmu_small, tmp_path
     for workers in (1, 4):
         with open_slide(path) as slide, pytest.raises(errors.SlideReadError, match=r"tile 23 \(row 2, column 3\) of level 0"):
             slide.thumbnail(4.0, workers=workers)
+
+
+def test_thumbnail_without_a_tile_grid_reads_factor_aligned_pieces_to_the_same_image(cmu_small):
+    slide = open_slide(cmu_small)
+    tiled, mpp = slide.thumbnail(1.5, read_budget_px=700 * 700)
+    slide.backend.tile_grid = lambda level: None  # as a backend that cannot tell its stored tiles
+    calls = record_read_sizes(slide)
+    pieces, piece_mpp = slide.thumbnail(1.5, read_budget_px=700 * 700, workers=3)
+    assert piece_mpp == mpp and len(calls) > 1 and max(calls) <= 700 * 700
+    np.testing.assert_array_equal(pieces, tiled)
