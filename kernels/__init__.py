@@ -20,6 +20,7 @@ are public on their own:
   :func:`binary_closing`, :func:`binary_opening`
 - components: :func:`label_components`, :func:`remove_small_objects`, :func:`fill_holes`
 - integral images: :func:`integral_image`, :func:`box_sum`, :func:`box_mean`
+- outlines: :func:`trace_rings` (pixel-edge boundary rings of a mask, for tissue polygons)
 - encoder input: :func:`normalise_to_nchw`
 
 Slide reading has one kernel module, imported on its own (``wsiengine.kernels.jpeg_entropy``):
@@ -28,6 +29,7 @@ as libjpeg would, without the IDCT, to find damaged tiles before they are decode
 """
 
 from .colour import rgb_to_optical_density, rgb_to_saturation
+from .contours import trace_rings
 from .integral import box_mean, box_sum, integral_image
 from .labels import fill_holes, label_components, remove_small_objects
 from .morphology import binary_closing, binary_dilation, binary_erosion, binary_opening, disk_half_widths
@@ -50,6 +52,7 @@ __all__ = [
     "binary_opening",
     "disk_half_widths",
     "label_components",
+    "trace_rings",
     "remove_small_objects",
     "fill_holes",
     "integral_image",

@@ -11,7 +11,10 @@ from __future__ import annotations
 import warnings
 
 import numpy as np
+import shapely
 from scipy import ndimage as ndi
+from shapely.affinity import scale as shapely_scale
+from shapely.geometry import MultiPolygon, Polygon
 from skimage.filters import threshold_otsu as sk_threshold_otsu
 from skimage.measure import label as sk_label
 from skimage.morphology import disk
@@ -196,3 +199,51 @@ def skimage_binary(op: str, mask: np.ndarray, r: int) -> np.ndarray:
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", FutureWarning)
         return getattr(morph, f"binary_{op}")(mask, disk(r))
+
+
+def reference_mask_polygons(raster: np.ndarray, level0_per_mask_px: tuple[float, float] = (1.0, 1.0)) -> MultiPolygon:
+    """The union of one box per run of True pixels (merged across rows), as shapely dissolves it:
+    the reference of :func:`wsiengine.tissue.mask_to_polygons` (which traces rings instead).
+
+    Each True pixel ``(row, col)`` covers ``[col, col + 1) x [row, row + 1)`` in mask
+    coordinates; the result is scaled by ``level0_per_mask_px`` into level-0 pixels. Runs of
+    pixels are merged into rectangles (vertically where rows repeat), then dissolved.
+    """
+    raster = np.asarray(raster, dtype=bool)
+    if not raster.any():
+        return MultiPolygon()
+    padded = np.zeros((raster.shape[0], raster.shape[1] + 2), dtype=np.int8)
+    padded[:, 1:-1] = raster
+    edges = np.diff(padded, axis=1)
+    rows_start, cols_start = np.nonzero(edges == 1)
+    _, cols_end = np.nonzero(edges == -1)
+    # Merge identical runs on consecutive rows into one taller rectangle.
+    boxes: list[tuple[int, int, int, int]] = []  # x0, y0, x1, y1 in mask px
+    open_runs: dict[tuple[int, int], int] = {}  # (x0, x1) -> first row
+    previous_row = -2
+    split_at = np.flatnonzero(np.diff(rows_start)) + 1
+    for row_runs_x0, row_runs_x1, row in zip(
+        np.split(cols_start, split_at), np.split(cols_end, split_at), rows_start[np.r_[0, split_at]]
+    ):
+        row = int(row)
+        runs = set(zip(row_runs_x0.tolist(), row_runs_x1.tolist()))
+        contiguous = row == previous_row + 1
+        for run in list(open_runs):
+            if not contiguous or run not in runs:
+                boxes.append((run[0], open_runs.pop(run), run[1], previous_row + 1))
+        for run in runs:
+            open_runs.setdefault(run, row)
+        previous_row = row
+    for run, first_row in open_runs.items():
+        boxes.append((run[0], first_row, run[1], previous_row + 1))
+    b = np.asarray(boxes, dtype=np.float64)
+    rects = shapely.box(b[:, 0], b[:, 1], b[:, 2], b[:, 3])
+    merged = shapely.union_all(rects)
+    merged = shapely.simplify(merged, 0.0)  # drop collinear vertices left by the rectangles
+    sx, sy = level0_per_mask_px
+    if (sx, sy) != (1.0, 1.0):
+        merged = shapely_scale(merged, xfact=sx, yfact=sy, origin=(0, 0))
+    if not merged.is_valid:
+        merged = shapely.make_valid(merged)
+    polys = [g for g in getattr(merged, "geoms", [merged]) if isinstance(g, Polygon) and not g.is_empty]
+    return MultiPolygon(polys)

@@ -36,7 +36,7 @@ from shapely.affinity import scale as shapely_scale
 
 from .config import TissueConfig
 from .errors import NoTissueError
-from .kernels import TissueSegmentParams, segment_tissue
+from .kernels import TissueSegmentParams, label_components, segment_tissue, trace_rings
 from .slide import Slide
 
 __all__ = ["TissueMask", "detect_tissue", "segment_params", "mask_to_polygons", "MAX_THUMBNAIL_READS"]
@@ -104,48 +104,31 @@ def mask_to_polygons(raster: np.ndarray, level0_per_mask_px: tuple[float, float]
     """Outline a boolean raster as valid shapely polygons with holes.
 
     Each True pixel ``(row, col)`` covers ``[col, col + 1) x [row, row + 1)`` in mask
-    coordinates; the result is scaled by ``level0_per_mask_px`` into level-0 pixels. Runs of
-    pixels are merged into rectangles (vertically where rows repeat), then dissolved.
+    coordinates; the result, scaled by ``level0_per_mask_px`` into level-0 pixels, covers
+    exactly the True pixels. One polygon per 4-connected region: its outer boundary and its
+    holes are traced along pixel edges by a Numba kernel (:func:`wsiengine.kernels.trace_rings`),
+    vertices only at corners; pieces touching only at a corner are separate polygons.
     """
     raster = np.asarray(raster, dtype=bool)
     if not raster.any():
         return MultiPolygon()
-    padded = np.zeros((raster.shape[0], raster.shape[1] + 2), dtype=np.int8)
-    padded[:, 1:-1] = raster
-    edges = np.diff(padded, axis=1)
-    rows_start, cols_start = np.nonzero(edges == 1)
-    _, cols_end = np.nonzero(edges == -1)
-    # Merge identical runs on consecutive rows into one taller rectangle.
-    boxes: list[tuple[int, int, int, int]] = []  # x0, y0, x1, y1 in mask px
-    open_runs: dict[tuple[int, int], int] = {}  # (x0, x1) -> first row
-    previous_row = -2
-    split_at = np.flatnonzero(np.diff(rows_start)) + 1
-    for row_runs_x0, row_runs_x1, row in zip(
-        np.split(cols_start, split_at), np.split(cols_end, split_at), rows_start[np.r_[0, split_at]]
-    ):
-        row = int(row)
-        runs = set(zip(row_runs_x0.tolist(), row_runs_x1.tolist()))
-        contiguous = row == previous_row + 1
-        for run in list(open_runs):
-            if not contiguous or run not in runs:
-                boxes.append((run[0], open_runs.pop(run), run[1], previous_row + 1))
-        for run in runs:
-            open_runs.setdefault(run, row)
-        previous_row = row
-    for run, first_row in open_runs.items():
-        boxes.append((run[0], first_row, run[1], previous_row + 1))
-    b = np.asarray(boxes, dtype=np.float64)
-    rects = shapely.box(b[:, 0], b[:, 1], b[:, 2], b[:, 3])
-    merged = shapely.union_all(rects)
-    merged = shapely.simplify(merged, 0.0)  # drop collinear vertices left by the rectangles
+    vertices, offsets, pixels, area2 = trace_rings(raster)
+    labels, _ = label_components(raster, connectivity=1)
+    region = labels[pixels[:, 0], pixels[:, 1]]
+    order = np.lexsort((area2 < 0, region))  # by region, its outer boundary (area > 0) first
+    lengths = np.diff(offsets)[order]
+    ring_of_vertex = np.repeat(np.arange(len(order)), lengths)
+    take = np.concatenate([np.arange(offsets[i], offsets[i + 1]) for i in order]) if len(order) else np.zeros(0, int)
     sx, sy = level0_per_mask_px
-    if (sx, sy) != (1.0, 1.0):
-        merged = shapely_scale(merged, xfact=sx, yfact=sy, origin=(0, 0))
-    if not merged.is_valid:
-        merged = shapely.make_valid(merged)
-    polys = [g for g in getattr(merged, "geoms", [merged]) if isinstance(g, Polygon) and not g.is_empty]
-    return MultiPolygon(polys)
-
+    coords = vertices[take].astype(np.float64) * (float(sx), float(sy))
+    rings = shapely.linearrings(coords, indices=ring_of_vertex)
+    _, polygon_of_ring = np.unique(region[order], return_inverse=True)
+    polygons = shapely.polygons(rings, indices=polygon_of_ring)
+    invalid = ~shapely.is_valid(polygons)
+    if invalid.any():  # a hole ring through a corner it shares with itself: split into touching holes
+        polygons[invalid] = shapely.make_valid(polygons[invalid])
+    parts = [g for p in polygons for g in getattr(p, "geoms", [p]) if isinstance(g, Polygon) and not g.is_empty]
+    return MultiPolygon(parts)
 
 def segment_params(config: TissueConfig, mask_mpp: tuple[float, float]) -> TissueSegmentParams:
     """The kernel parameters, in mask pixels, of ``config``'s micrometre sizes at ``mask_mpp`` (x, y) µm/px.
