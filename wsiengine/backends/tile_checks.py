@@ -478,8 +478,9 @@ class StoredTiles:
         )
 
     def read(self, level: int, index: int) -> bytes | None:
-        """The stored bytes of tile ``index`` of ``level`` once checked, None for a sparse tile
-        (byte count 0); SlideReadError naming the tile when it is damaged."""
+        """The stored bytes of tile ``index`` of ``level``, checked the first time they are read
+        (the file is taken not to change under an open slide), None for a sparse tile (byte
+        count 0); SlideReadError naming the tile when it is damaged."""
         count = int(self._counts[level][index])
         if count == 0:
             return None
@@ -487,9 +488,11 @@ class StoredTiles:
         if len(data) != count:
             raise self.damaged(level, index, f"it is cut short ({len(data):,} of {count:,} bytes): the file is truncated")
         check = self._checks[level]
-        why = None if check is None else check.why_damaged(data)
-        if why is not None:
-            raise self.damaged(level, index, why)
+        if check is not None and not self._verified[level][index]:  # each tile is checked once
+            why = check.why_damaged(data)
+            if why is not None:
+                raise self.damaged(level, index, why)
+            self._verified[level][index] = True
         return data
 
     def verify(self, level: int, x0: int, y0: int, x1: int, y1: int) -> None:
@@ -504,7 +507,6 @@ class StoredTiles:
                 index = row * across + col
                 if not verified[index]:
                     self.read(level, index)
-                    verified[index] = True
 
     def close(self) -> None:
         """Close the file descriptor."""
