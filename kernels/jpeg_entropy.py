@@ -59,23 +59,68 @@ AC_SIZE = 8
 #: a DC value beyond the component's limit; detail: the value
 DC_RANGE = 9
 
-#: codes of up to this many bits are decoded with one table look-up
+#: codes of up to this many bits are decoded with one look-up of the slow path's table
 LOOKAHEAD_BITS = 9
+#: a code and its magnitude bits of up to this many bits in all are read with one look-up of the fast table
+FAST_BITS = 12
+#: a fast-table entry is ``total bits << 8 | step``; this total marks "not in the fast table" (more than any buffer holds)
+_NOT_FAST = 127
+#: the step of an AC end of block in the fast table: pushes the coefficient index past 127
+_EOB_STEP = 128
 
-#: (lookahead, maxcode, valoffset, values, ac_fast): the arrays of one table (see :func:`huffman_table`)
-HuffmanTable = tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, np.ndarray]
+#: (lookahead, maxcode, valoffset, values, fast, quick): the arrays of one table (see :func:`huffman_table`)
+HuffmanTable = tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, np.ndarray, np.ndarray]
+#: the step of a quick-table entry that is not there (more than any block holds)
+_SLOW_STEP = 512
 
 
-def huffman_table(counts: np.ndarray, values: np.ndarray) -> HuffmanTable:
+def _quick_table(counts: np.ndarray, values: np.ndarray, ac: bool) -> np.ndarray:
+    """The ``(2**FAST_BITS,)`` int32 table of :func:`_sound_scan_end`, indexed by the next FAST_BITS bits.
+
+    DC: ``total | size << 8`` of the code those bits start with (total: its length + the size
+    magnitude bits that follow), 0 when longer than FAST_BITS or a category above 11. AC:
+    ``total | step << 8`` of one code and its magnitude bits, or of two when the first is not an
+    EOB and its magnitude bits and the second code fit in the FAST_BITS (step: the coefficients
+    advanced, an EOB counting :data:`_EOB_STEP`); ``_SLOW_STEP << 8`` when the first code is
+    longer than FAST_BITS or has a size above 10.
+    """
+    size = 1 << FAST_BITS
+    length = np.zeros(size, np.int64)
+    value = np.zeros(size, np.int64)
+    code, k = 0, 0
+    for bits in range(1, FAST_BITS + 1):
+        n = int(counts[bits - 1])
+        for i in range(n):
+            shift = FAST_BITS - bits
+            length[(code + i) << shift : (code + i + 1) << shift] = bits
+            value[(code + i) << shift : (code + i + 1) << shift] = values[k + i]
+        code, k = (code + n) << 1, k + n
+    if not ac:
+        return np.where((length > 0) & (value <= 11), (length + value) | (value << 8), 0).astype(np.int32)
+    run, extra = value >> 4, value & 15
+    valid = (length > 0) & (extra <= 10)
+    step = np.where(extra > 0, run + 1, np.where(run == 15, 16, _EOB_STEP))
+    total = length + extra
+    single = np.where(valid, total | (step << 8), _SLOW_STEP << 8)
+    index = np.arange(size)
+    after = (index << np.minimum(total, FAST_BITS)) & (size - 1)  # the next code's bits, zeros past the look-up
+    pair = valid & (step != _EOB_STEP) & (total < FAST_BITS) & valid[after] & (length[after] <= FAST_BITS - total)
+    both = (total + total[after]) | ((step + step[after]) << 8)
+    return np.where(pair, both, single).astype(np.int32)
+
+
+def huffman_table(counts: np.ndarray, values: np.ndarray, ac: bool = True) -> HuffmanTable:
     """The decoding arrays of one DHT table (``counts[l-1]`` codes of ``l`` bits, l = 1..16).
 
     Returns ``lookahead`` (``(2**LOOKAHEAD_BITS,)`` int32: ``length << 8 | value`` of the code the
     next LOOKAHEAD_BITS bits start with, 0 if longer or none), ``maxcode`` (``(18,)`` int64, the
     largest code of each length, -1 if none), ``valoffset`` (``(18,)`` int64) and ``values``
-    (``(256,)`` uint8), as libjpeg's ``jpeg_make_d_derived_tbl``, and ``ac_fast``
-    (``(2**LOOKAHEAD_BITS,)`` int32, for AC tables: ``(length + size) << 8 | coefficients
-    advanced`` when a code and its size <= 10 magnitude bits fit in the lookahead, the advance
-    being run + 1, 16 for ZRL, 255 for EOB; else 0). Raises ValueError when the counts are
+    (``(256,)`` uint8), as libjpeg's ``jpeg_make_d_derived_tbl``, and ``fast``
+    (``(2**FAST_BITS,)`` int16, indexed by the next FAST_BITS bits: ``(length + size) << 8 | step``
+    when a code and its ``size`` magnitude bits fit in FAST_BITS and the value is one a valid
+    encoder writes, else ``_NOT_FAST << 8``). For an AC table (``ac``) the step is the coefficients
+    advanced (run + 1, 16 for ZRL, :data:`_EOB_STEP` for EOB) and sizes go up to 10; for a DC
+    table it is the size (the DC category, up to 11). Raises ValueError when the counts are
     impossible (more than 256 values, or more codes of a length than its bits allow).
     """
     counts = np.asarray(counts, np.int64)
@@ -86,7 +131,7 @@ def huffman_table(counts: np.ndarray, values: np.ndarray) -> HuffmanTable:
     valoffset = np.zeros(18, np.int64)
     table_values = np.zeros(256, np.uint8)
     table_values[: counts.sum()] = np.asarray(values[: counts.sum()], np.uint8)
-    ac_fast = np.zeros(1 << LOOKAHEAD_BITS, np.int32)
+    fast = np.full(1 << FAST_BITS, _NOT_FAST << 8, np.int16)
     code, k = 0, 0
     for length in range(1, 17):
         n = int(counts[length - 1])
@@ -95,31 +140,44 @@ def huffman_table(counts: np.ndarray, values: np.ndarray) -> HuffmanTable:
                 raise ValueError("bad Huffman table: too many codes")
             valoffset[length] = k - code
             maxcode[length] = code + n - 1
-            if length <= LOOKAHEAD_BITS:
-                shift = LOOKAHEAD_BITS - length
-                for i in range(n):
+            for i in range(n):
+                rs = int(table_values[k + i])
+                if length <= LOOKAHEAD_BITS:
+                    shift = LOOKAHEAD_BITS - length
                     start = (code + i) << shift
-                    rs = int(table_values[k + i])
                     lookahead[start : start + (1 << shift)] = (length << 8) | rs
-                    run, size = rs >> 4, rs & 15
-                    advance = run + 1 if size else (16 if run == 15 else 255)
-                    if length + size <= LOOKAHEAD_BITS and size <= 10:
-                        ac_fast[start : start + (1 << shift)] = ((length + size) << 8) | advance
+                if length <= FAST_BITS:
+                    shift = FAST_BITS - length
+                    start = (code + i) << shift
+                    if ac:
+                        run, size = rs >> 4, rs & 15
+                        step = run + 1 if size else (16 if run == 15 else _EOB_STEP)
+                        valid = size <= 10
+                    else:
+                        size, step = rs, rs
+                        valid = size <= 11
+                    if valid:
+                        fast[start : start + (1 << shift)] = ((length + size) << 8) | step
         code, k = (code + n) << 1, k + n
-    return lookahead, maxcode, valoffset, table_values, ac_fast
+    return lookahead, maxcode, valoffset, table_values, fast, _quick_table(counts, table_values, ac)
 
 
 def stack_tables(tables: dict[int, HuffmanTable]) -> HuffmanTable:
     """Stack the tables of slots 0..7 (DC 0..3, AC 4..7) into the kernel's ``(8, ...)`` arrays; absent slots are empty."""
-    lookahead = np.zeros(1 << LOOKAHEAD_BITS, np.int32)
-    empty = (lookahead, np.full(18, -1, np.int64), np.zeros(18, np.int64), np.zeros(256, np.uint8), lookahead)
+    empty = (np.zeros(1 << LOOKAHEAD_BITS, np.int32), np.full(18, -1, np.int64), np.zeros(18, np.int64),
+             np.zeros(256, np.uint8), np.full(1 << FAST_BITS, _NOT_FAST << 8, np.int16),
+             np.full(1 << FAST_BITS, _SLOW_STEP << 8, np.int32))
     rows = [tables.get(slot, empty) for slot in range(8)]
-    return tuple(np.stack([row[i] for row in rows]) for i in range(5))  # type: ignore[return-value]
+    stacked = [np.ascontiguousarray(np.stack([row[i] for row in rows])) for i in range(6)]
+    stacked[5][:4][stacked[5][:4] == _SLOW_STEP << 8] = 0  # absent DC slots: never a quick code
+    return tuple(stacked)  # type: ignore[return-value]
 
 
 @numba.njit(cache=True, nogil=True)
 def _fill(data, pos, end, buf, nbits, pad, marker, marker_pos):
-    """Top the bit buffer up to at least 49 bits; zero bits (``pad``) once a marker or the end is reached."""
+    """Top the bit buffer up to at least 49 bits; zero bits (``pad``) once a marker or the end is reached.
+
+    The slow path of the fill in :func:`check_scan` (a 0xFF byte, a marker or the end near): one byte at a time."""
     while nbits <= 48:
         if marker != 0:
             buf = (buf << 8) & 0xFFFFFFFFFFFFFF
@@ -170,8 +228,22 @@ def _extend(bits, size):
 
 
 @numba.njit(cache=True, nogil=True)
-def check_scan(data, start, lookahead, maxcode, valoffset, values, ac_fast, dc_slot, ac_slot, component, dc_limit,
-               n_mcus, restart_interval):
+def _run_past_63_at(buf, nbits, pad, pos, total, slot, lookahead, maxcode, valoffset, values):
+    """Where an AC run past coefficient 63 is reported: the byte after its bits when the code and
+    its bits fit in LOOKAHEAD_BITS, else the byte of its first bit (as this kernel always has)."""
+    rs, length = _decode(buf, nbits + total, slot, lookahead, maxcode, valoffset, values)
+    if length + (rs & 15) <= LOOKAHEAD_BITS:
+        return pos - (nbits - pad) // 8
+    return pos - (nbits + total - pad) // 8
+
+
+_MASK56 = 0xFFFFFFFFFFFFFF
+_ONES56 = 0x01010101010101
+
+
+@numba.njit(cache=True, nogil=True)
+def _exact_scan(data, start, lookahead, maxcode, valoffset, values, fast, dc_slot, ac_slot, component, dc_limit,
+                n_mcus, restart_interval):
     """Walk a sequential Huffman scan; return ``(code, byte position, detail)``, code :data:`SCAN_OK` if sound.
 
     ``data`` is the whole JPEG (uint8), ``start`` the byte after the SOS header. Blocks of one MCU
@@ -180,12 +252,19 @@ def check_scan(data, start, lookahead, maxcode, valoffset, values, ac_fast, dc_s
     DC magnitude of each scan component;
     ``restart_interval`` is in MCUs (0: none). The position is that of the byte holding the
     offending bits (approximate by a few bytes inside the bit buffer).
+
+    The bit buffer holds up to 56 bits and is topped up to 49..56 bits whenever fewer than 32
+    are left before a code (so positions do not depend on how fast it is filled): 1..7 bytes read
+    at once when none of them is 0xFF and the marker is not reached, else by :func:`_fill`.
+    Codes whose bits and magnitude bits fit in FAST_BITS are read with one look-up of ``fast``;
+    the others, and every error, take the slow path (:func:`_decode`).
     """
     end = data.shape[0]
     pred = np.zeros(dc_limit.shape[0], np.int64)
     pos, buf, nbits, pad, marker, marker_pos = start, np.int64(0), np.int64(0), np.int64(0), np.int64(0), end
     blocks = dc_slot.shape[0]
     next_rst = 0
+    fast_mask = (1 << FAST_BITS) - 1
     for mcu in range(n_mcus):
         if restart_interval > 0 and mcu > 0 and mcu % restart_interval == 0:
             left = (nbits - pad) // 8  # whole unread bytes: libjpeg discards them and counts them
@@ -202,39 +281,87 @@ def check_scan(data, start, lookahead, maxcode, valoffset, values, ac_fast, dc_s
         for b in range(blocks):
             # DC: category, then that many bits of difference
             if nbits < 32:
-                pos, buf, nbits, pad, marker, marker_pos = _fill(data, pos, end, buf, nbits, pad, marker, marker_pos)
-            s, length = _decode(buf, nbits, dc_slot[b], lookahead, maxcode, valoffset, values)
-            at = pos - (nbits - pad) // 8
-            if length == 0:
-                return (PREMATURE_END, marker_pos, marker) if nbits - pad < 16 else (BAD_HUFFMAN_CODE, at, dc_slot[b])
-            if s > 11:
-                return DC_CATEGORY, at, s
-            if length + s > nbits - pad:
-                return PREMATURE_END, marker_pos, marker
-            nbits -= length
-            diff = 0
-            if s > 0:
-                diff = _extend((buf >> (nbits - s)) & ((1 << s) - 1), s)
-                nbits -= s
+                n = (56 - nbits) >> 3  # the bytes _fill would add
+                if marker == 0 and pos + 7 <= end:
+                    sh = 56 - 8 * n
+                    word = ((np.int64(data[pos]) << 48) | (np.int64(data[pos + 1]) << 40) | (np.int64(data[pos + 2]) << 32)
+                            | (np.int64(data[pos + 3]) << 24) | (np.int64(data[pos + 4]) << 16)
+                            | (np.int64(data[pos + 5]) << 8) | np.int64(data[pos + 6])) >> sh
+                    ones = _ONES56 >> sh
+                    zeroed = word ^ (_MASK56 >> sh)  # 0xFF bytes become 0
+                    if ((zeroed - ones) & ~zeroed & (ones << 7)) == 0:
+                        buf = ((buf << (8 * n)) | word) & _MASK56
+                        nbits += 8 * n
+                        pos += n
+                    else:
+                        pos, buf, nbits, pad, marker, marker_pos = _fill(data, pos, end, buf, nbits, pad, marker, marker_pos)
+                else:
+                    pos, buf, nbits, pad, marker, marker_pos = _fill(data, pos, end, buf, nbits, pad, marker, marker_pos)
+            slot = dc_slot[b]
+            entry = np.int64(fast[slot, (buf >> (nbits - FAST_BITS)) & fast_mask])
+            total = entry >> 8
+            if total <= nbits - pad:
+                s = entry & 0xFF
+                nbits -= total
+                diff = 0
+                if s > 0:
+                    diff = _extend((buf >> nbits) & ((1 << s) - 1), s)
+                at = 0
+            else:
+                s, length = _decode(buf, nbits, slot, lookahead, maxcode, valoffset, values)
+                at = pos - (nbits - pad) // 8
+                if length == 0:
+                    return (PREMATURE_END, marker_pos, marker) if nbits - pad < 16 else (BAD_HUFFMAN_CODE, at, slot)
+                if s > 11:
+                    return DC_CATEGORY, at, s
+                if length + s > nbits - pad:
+                    return PREMATURE_END, marker_pos, marker
+                nbits -= length
+                diff = 0
+                if s > 0:
+                    diff = _extend((buf >> (nbits - s)) & ((1 << s) - 1), s)
+                    nbits -= s
             c = component[b]
-            pred[c] += diff
-            if abs(pred[c]) > dc_limit[c]:
-                return DC_RANGE, at, pred[c]
+            value = pred[c] + diff
+            pred[c] = value
+            if abs(value) > dc_limit[c]:
+                if total <= 56:  # the fast path: where the slow path would have said
+                    at = pos - (nbits + total - pad) // 8
+                return DC_RANGE, at, value
             # AC: (run, size) codes up to EOB or coefficient 63
             k = 1
             slot = ac_slot[b]
-            while k < 64:
+            while True:
                 if nbits < 32:
-                    pos, buf, nbits, pad, marker, marker_pos = _fill(data, pos, end, buf, nbits, pad, marker, marker_pos)
-                fast = ac_fast[slot, (buf >> (nbits - LOOKAHEAD_BITS)) & ((1 << LOOKAHEAD_BITS) - 1)]
-                if fast != 0 and (fast >> 8) <= nbits - pad:  # a common code and its bits in one look-up
-                    nbits -= fast >> 8
-                    advance = fast & 0xFF
-                    if advance == 255:  # EOB
-                        break
-                    k += advance
-                    if k > 64:
-                        return AC_RUN_PAST_63, pos - (nbits - pad) // 8, k - 1
+                    n = (56 - nbits) >> 3
+                    if marker == 0 and pos + 7 <= end:
+                        sh = 56 - 8 * n
+                        word = ((np.int64(data[pos]) << 48) | (np.int64(data[pos + 1]) << 40)
+                                | (np.int64(data[pos + 2]) << 32) | (np.int64(data[pos + 3]) << 24)
+                                | (np.int64(data[pos + 4]) << 16) | (np.int64(data[pos + 5]) << 8)
+                                | np.int64(data[pos + 6])) >> sh
+                        ones = _ONES56 >> sh
+                        zeroed = word ^ (_MASK56 >> sh)
+                        if ((zeroed - ones) & ~zeroed & (ones << 7)) == 0:
+                            buf = ((buf << (8 * n)) | word) & _MASK56
+                            nbits += 8 * n
+                            pos += n
+                        else:
+                            pos, buf, nbits, pad, marker, marker_pos = _fill(data, pos, end, buf, nbits, pad, marker,
+                                                                             marker_pos)
+                    else:
+                        pos, buf, nbits, pad, marker, marker_pos = _fill(data, pos, end, buf, nbits, pad, marker,
+                                                                         marker_pos)
+                entry = np.int64(fast[slot, (buf >> (nbits - FAST_BITS)) & fast_mask])
+                total = entry >> 8
+                if total <= nbits - pad:  # a common code and its bits in one look-up
+                    nbits -= total
+                    k += entry & 0xFF
+                    if k >= 64:
+                        if k == 64 or k > 127:  # coefficient 63 reached, or EOB
+                            break
+                        return (AC_RUN_PAST_63, _run_past_63_at(buf, nbits, pad, pos, total, slot, lookahead, maxcode,
+                                                                valoffset, values), k - 1)
                     continue
                 rs, length = _decode(buf, nbits, slot, lookahead, maxcode, valoffset, values)
                 at = pos - (nbits - pad) // 8
@@ -251,10 +378,14 @@ def check_scan(data, start, lookahead, maxcode, valoffset, values, ac_fast, dc_s
                     if k > 63:
                         return AC_RUN_PAST_63, at, k
                     k += 1
+                    if k == 64:
+                        break
                 elif r == 15:  # ZRL: sixteen zeros
                     k += 16
                     if k > 64:
                         return AC_RUN_PAST_63, at, k - 1
+                    if k == 64:
+                        break
                 else:  # EOB
                     break
     left = (nbits - pad) // 8
@@ -266,3 +397,204 @@ def check_scan(data, start, lookahead, maxcode, valoffset, values, ac_fast, dc_s
     if marker != 0xD9:
         return NOT_END, marker_pos, marker
     return SCAN_OK, marker_pos, 0
+
+
+_ONES64 = np.uint64(0x0101010101010101)
+_ALL64 = np.uint64(0xFFFFFFFFFFFFFFFF)
+
+
+@numba.njit(cache=True, nogil=True)
+def _refill(data, pos, end, buf, nbits, pad, marker, marker_pos):
+    """:func:`_fill` for the left-aligned 64-bit buffer of :func:`_sound_scan_end`: to at least 57 bits."""
+    while nbits <= 56:
+        if marker != 0:
+            nbits += 8
+            pad += 8
+            continue
+        if pos >= end:
+            marker, marker_pos = -1, end
+            continue
+        c = data[pos]
+        if c == 0xFF:
+            q = pos + 1
+            while q < end and data[q] == 0xFF:  # fill bytes
+                q += 1
+            if q >= end:
+                marker, marker_pos = -1, end
+                continue
+            if data[q] != 0:
+                marker, marker_pos = np.int64(data[q]), q - 1
+                continue
+            pos = q + 1
+        else:
+            pos += 1
+        buf |= np.uint64(c) << np.uint64(56 - nbits)
+        nbits += 8
+    return pos, buf, nbits, pad, marker, marker_pos
+
+
+@numba.njit(cache=True, nogil=True)
+def _bytes_to_marker(data, pos, end, marker, marker_pos):
+    """(whole data bytes before the next marker, the marker, its position), as :func:`_exact_scan` counts them."""
+    left = 0
+    while marker == 0:
+        pos, _, nbits, pad, marker, marker_pos = _fill(data, pos, end, np.int64(0), np.int64(0), np.int64(0), marker,
+                                                       marker_pos)
+        left += (nbits - pad) // 8
+    return left, marker, marker_pos
+
+
+@numba.njit(cache=True, nogil=True)
+def _sound_scan_end(data, start, maxcode, valoffset, values, quick, dc_slot, ac_slot, component, dc_limit, n_mcus,
+                    restart_interval):
+    """The position of the EOI marker ending a sound scan, or -1 at the first problem of any kind.
+
+    The fast pass of :func:`check_scan`: it finds a scan sound exactly when :func:`_exact_scan`
+    does, but tells nothing of a damaged one. A 64-bit buffer holds the bits left-aligned and is
+    topped up to 56..63 bits when fewer than 32 are left, seven bytes or fewer at a time (one
+    unaligned load) while none is 0xFF; one look-up of ``quick`` reads an AC code and its
+    magnitude bits, often two of them. Bits past a marker read as zeros, and whether the scan
+    used any is asked once, at the marker.
+    """
+    end = data.shape[0]
+    pred = np.zeros(dc_limit.shape[0], np.int64)
+    pos, buf, nbits, pad, marker, marker_pos = start, np.uint64(0), np.int64(0), np.int64(0), np.int64(0), end
+    blocks = dc_slot.shape[0]
+    next_rst = 0
+    for mcu in range(n_mcus):
+        if restart_interval > 0 and mcu > 0 and mcu % restart_interval == 0:
+            if nbits - pad < 0 or nbits - pad >= 8:
+                return -1
+            left, marker, marker_pos = _bytes_to_marker(data, pos, end, marker, marker_pos)
+            if left > 0 or marker != 0xD0 + next_rst:
+                return -1
+            next_rst = (next_rst + 1) & 7
+            pos, buf, nbits, pad, marker, marker_pos = marker_pos + 2, np.uint64(0), np.int64(0), np.int64(0), np.int64(0), end
+            pred[:] = 0
+        for b in range(blocks):
+            for part in range(2):  # DC, then the AC codes up to EOB or coefficient 63
+                if part == 0:
+                    slot = dc_slot[b]
+                else:
+                    slot = ac_slot[b]
+                k = 1
+                while True:
+                    if nbits < 32:
+                        if marker == 0 and pos + 8 <= end:
+                            p = np.uint64(pos)
+                            word = ((np.uint64(data[p]) << np.uint64(56)) | (np.uint64(data[p + np.uint64(1)]) << np.uint64(48))
+                                    | (np.uint64(data[p + np.uint64(2)]) << np.uint64(40))
+                                    | (np.uint64(data[p + np.uint64(3)]) << np.uint64(32))
+                                    | (np.uint64(data[p + np.uint64(4)]) << np.uint64(24))
+                                    | (np.uint64(data[p + np.uint64(5)]) << np.uint64(16))
+                                    | (np.uint64(data[p + np.uint64(6)]) << np.uint64(8)) | np.uint64(data[p + np.uint64(7)]))
+                            n = (63 - nbits) >> 3  # bytes to add: 4..7
+                            sh = np.uint64(64 - 8 * n)
+                            top = word >> sh
+                            ones = _ONES64 >> sh
+                            zeroed = top ^ (_ALL64 >> sh)  # 0xFF bytes become 0
+                            if ((zeroed - ones) & ~zeroed & (ones << np.uint64(7))) == np.uint64(0):
+                                buf |= top << np.uint64(64 - 8 * n - nbits)
+                                nbits += 8 * n
+                                pos += n
+                            else:
+                                pos, buf, nbits, pad, marker, marker_pos = _refill(data, pos, end, buf, nbits, pad, marker,
+                                                                                   marker_pos)
+                        else:
+                            pos, buf, nbits, pad, marker, marker_pos = _refill(data, pos, end, buf, nbits, pad, marker,
+                                                                               marker_pos)
+                            if nbits - pad < 0:  # bits past the marker were used
+                                return -1
+                    entry = np.int64(quick[slot, buf >> np.uint64(64 - FAST_BITS)])
+                    if part == 0:  # DC: category, then that many bits of difference
+                        total = entry & 63
+                        s = entry >> 8
+                        if total == 0:
+                            length, code = 0, np.int64(0)
+                            for bits in range(1, 17):
+                                code = np.int64(buf >> np.uint64(64 - bits))
+                                if code <= maxcode[slot, bits]:
+                                    length = bits
+                                    break
+                            if length == 0:
+                                return -1
+                            s = np.int64(values[slot, valoffset[slot, length] + code])
+                            if s > 11:
+                                return -1
+                            total = length + s
+                        diff = np.int64((buf >> np.uint64(64 - total)) & ((np.uint64(1) << np.uint64(s)) - np.uint64(1)))
+                        if diff < ((1 << s) >> 1):
+                            diff -= (1 << s) - 1
+                        buf <<= np.uint64(total)
+                        nbits -= total
+                        c = component[b]
+                        value = pred[c] + diff
+                        pred[c] = value
+                        if abs(value) > dc_limit[c]:
+                            return -1
+                        break
+                    after = k + (entry >> 8)
+                    if after < 64:
+                        buf <<= np.uint64(entry & 63)
+                        nbits -= entry & 63
+                        k = after
+                        continue
+                    if after == 64 or (after > _EOB_STEP and after < 64 + _EOB_STEP):  # coefficient 63 or EOB
+                        buf <<= np.uint64(entry & 63)
+                        nbits -= entry & 63
+                        break
+                    # one code the slow way: long codes, a block ending inside a pair, damage
+                    length, code = 0, np.int64(0)
+                    for bits in range(1, 17):
+                        code = np.int64(buf >> np.uint64(64 - bits))
+                        if code <= maxcode[slot, bits]:
+                            length = bits
+                            break
+                    if length == 0:
+                        return -1
+                    rs = np.int64(values[slot, valoffset[slot, length] + code])
+                    r, s = rs >> 4, rs & 15
+                    if s > 10:
+                        return -1
+                    buf <<= np.uint64(length + s)
+                    nbits -= length + s
+                    if s > 0:
+                        k += r + 1
+                    elif r == 15:
+                        k += 16
+                    else:
+                        break
+                    if k > 64:
+                        return -1
+                    if k == 64:
+                        break
+    if nbits - pad < 0 or nbits - pad >= 8:
+        return -1
+    left, marker, marker_pos = _bytes_to_marker(data, pos, end, marker, marker_pos)
+    if left > 0 or marker != 0xD9:
+        return -1
+    return marker_pos
+
+
+@numba.njit(cache=True, nogil=True)
+def check_scan(data, start, lookahead, maxcode, valoffset, values, fast, quick, dc_slot, ac_slot, component, dc_limit,
+               n_mcus, restart_interval):
+    """Walk a sequential Huffman scan; return ``(code, byte position, detail)``, code :data:`SCAN_OK` if sound.
+
+    ``data`` is the whole JPEG (uint8), ``start`` the byte after the SOS header. Blocks of one MCU
+    are listed in order by ``dc_slot``, ``ac_slot`` (table slots, see :func:`stack_tables`) and
+    ``component`` (their scan component, for the DC prediction); ``dc_limit`` is the largest
+    DC magnitude of each scan component;
+    ``restart_interval`` is in MCUs (0: none). The position is that of the byte holding the
+    offending bits (approximate by a few bytes inside the bit buffer); of the EOI marker for a
+    sound scan.
+
+    A fast pass (:func:`_sound_scan_end`) finds sound scans sound; a scan it finds damaged is
+    walked again code by code (:func:`_exact_scan`) for the kind of damage and where.
+    """
+    at = _sound_scan_end(data, start, maxcode, valoffset, values, quick, dc_slot, ac_slot, component, dc_limit, n_mcus,
+                         restart_interval)
+    if at >= 0:
+        return SCAN_OK, at, 0
+    return _exact_scan(data, start, lookahead, maxcode, valoffset, values, fast, dc_slot, ac_slot, component, dc_limit,
+                       n_mcus, restart_interval)

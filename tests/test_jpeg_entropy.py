@@ -6,8 +6,10 @@ grayscale, restart intervals) and on the sample slide's tiles; and each kind of 
 from __future__ import annotations
 
 import io
+from pathlib import Path
 
 import imagecodecs
+import numba
 import numpy as np
 import pytest
 
@@ -310,3 +312,224 @@ def test_extraneous_bytes_after_the_last_block():
 def test_invalid_huffman_tables_are_refused():
     with pytest.raises(ValueError, match="too many codes"):
         entropy.huffman_table(np.array([2] + [0] * 15), np.arange(2))  # codes 0 and 1 of 1 bit: all-ones used
+
+
+# The kernel as it was before its fast pass (commit eb8c4a6), frozen: check_scan must give the
+# very same (code, position, detail) on every scan, damaged or not.
+
+def _previous_tables(found: dict[int, entropy.HuffmanTable]) -> tuple[np.ndarray, ...]:
+    """The previous kernel's stacked (lookahead, maxcode, valoffset, values, ac_fast): a 9-bit
+    look-up of codes, and of AC codes with their magnitude bits."""
+    bits = 9
+    ac_fast = np.zeros((8, 1 << bits), np.int32)
+    for slot, (lookahead, *_) in found.items():
+        for index, look in enumerate(lookahead):
+            length, rs = int(look) >> 8, int(look) & 0xFF
+            run, size = rs >> 4, rs & 15
+            if look and length + size <= bits and size <= 10:
+                ac_fast[slot, index] = ((length + size) << 8) | (run + 1 if size else (16 if run == 15 else 255))
+    return (*entropy.stack_tables(found)[:4], ac_fast)
+
+
+@numba.njit(nogil=True)
+def _previous_decode(buf, nbits, slot, lookahead, maxcode, valoffset, values):
+    look = lookahead[slot, (buf >> (nbits - 9)) & 511]
+    if look != 0:
+        return look & 0xFF, look >> 8
+    for length in range(10, 17):
+        code = (buf >> (nbits - length)) & ((1 << length) - 1)
+        if code <= maxcode[slot, length]:
+            return np.int64(values[slot, valoffset[slot, length] + code]), length
+    return -1, 0
+
+
+@numba.njit(nogil=True)
+def _previous_check_scan(data, start, lookahead, maxcode, valoffset, values, ac_fast, dc_slot, ac_slot, component,
+                         dc_limit, n_mcus, restart_interval):
+    fill, decode = entropy._fill, _previous_decode
+    end = data.shape[0]
+    pred = np.zeros(dc_limit.shape[0], np.int64)
+    pos, buf, nbits, pad, marker, marker_pos = start, np.int64(0), np.int64(0), np.int64(0), np.int64(0), end
+    next_rst = 0
+    for mcu in range(n_mcus):
+        if restart_interval > 0 and mcu > 0 and mcu % restart_interval == 0:
+            left = (nbits - pad) // 8
+            while marker == 0:
+                pos, buf, nbits, pad, marker, marker_pos = fill(data, pos, end, buf, np.int64(0), pad, marker, marker_pos)
+                left += (nbits - pad) // 8
+            if left > 0:
+                return entropy.EXTRANEOUS_BYTES, marker_pos, left
+            if marker != 0xD0 + next_rst:
+                return entropy.BAD_RESTART, marker_pos, next_rst * 256 + marker
+            next_rst = (next_rst + 1) & 7
+            pos, buf, nbits, pad, marker, marker_pos = marker_pos + 2, np.int64(0), np.int64(0), np.int64(0), np.int64(0), end
+            pred[:] = 0
+        for b in range(dc_slot.shape[0]):
+            if nbits < 32:
+                pos, buf, nbits, pad, marker, marker_pos = fill(data, pos, end, buf, nbits, pad, marker, marker_pos)
+            s, length = decode(buf, nbits, dc_slot[b], lookahead, maxcode, valoffset, values)
+            at = pos - (nbits - pad) // 8
+            if length == 0:
+                return (entropy.PREMATURE_END, marker_pos, marker) if nbits - pad < 16 else (entropy.BAD_HUFFMAN_CODE, at, dc_slot[b])
+            if s > 11:
+                return entropy.DC_CATEGORY, at, s
+            if length + s > nbits - pad:
+                return entropy.PREMATURE_END, marker_pos, marker
+            nbits -= length
+            diff = 0
+            if s > 0:
+                diff = entropy._extend((buf >> (nbits - s)) & ((1 << s) - 1), s)
+                nbits -= s
+            c = component[b]
+            pred[c] += diff
+            if abs(pred[c]) > dc_limit[c]:
+                return entropy.DC_RANGE, at, pred[c]
+            k = 1
+            slot = ac_slot[b]
+            while k < 64:
+                if nbits < 32:
+                    pos, buf, nbits, pad, marker, marker_pos = fill(data, pos, end, buf, nbits, pad, marker, marker_pos)
+                fast = ac_fast[slot, (buf >> (nbits - 9)) & 511]
+                if fast != 0 and (fast >> 8) <= nbits - pad:
+                    nbits -= fast >> 8
+                    advance = fast & 0xFF
+                    if advance == 255:
+                        break
+                    k += advance
+                    if k > 64:
+                        return entropy.AC_RUN_PAST_63, pos - (nbits - pad) // 8, k - 1
+                    continue
+                rs, length = decode(buf, nbits, slot, lookahead, maxcode, valoffset, values)
+                at = pos - (nbits - pad) // 8
+                if length == 0:
+                    return (entropy.PREMATURE_END, marker_pos, marker) if nbits - pad < 16 else (entropy.BAD_HUFFMAN_CODE, at, slot)
+                r, s = rs >> 4, rs & 15
+                if length + s > nbits - pad:
+                    return entropy.PREMATURE_END, marker_pos, marker
+                nbits -= length + s
+                if s > 0:
+                    if s > 10:
+                        return entropy.AC_SIZE, at, s
+                    k += r
+                    if k > 63:
+                        return entropy.AC_RUN_PAST_63, at, k
+                    k += 1
+                elif r == 15:
+                    k += 16
+                    if k > 64:
+                        return entropy.AC_RUN_PAST_63, at, k - 1
+                else:
+                    break
+    left = (nbits - pad) // 8
+    while marker == 0:
+        pos, buf, nbits, pad, marker, marker_pos = fill(data, pos, end, buf, np.int64(0), pad, marker, marker_pos)
+        left += (nbits - pad) // 8
+    if left > 0:
+        return entropy.EXTRANEOUS_BYTES, marker_pos, left
+    if marker != 0xD9:
+        return entropy.NOT_END, marker_pos, marker
+    return entropy.SCAN_OK, marker_pos, 0
+
+
+def _both_kernels(data: bytes, tables: bytes | None) -> tuple[tuple[int, int, int], tuple[int, int, int]] | None:
+    """(check_scan, the previous kernel) on a whole JPEG, or None if its headers are not a sequential scan's."""
+    head = _parse_jpeg(data, 1 << 16, 1 << 16)
+    shared = _parse_jpeg(tables, 1 << 16, 1 << 16, tables_only=True) if tables else None
+    if isinstance(head, str) or isinstance(shared, str):
+        return None
+    found = _huffman_tables((shared.dht if shared else []) + head.dht)
+    layout = _mcu_layout(head, {**(shared.dc_quantisers if shared else {}), **head.dc_quantisers})
+    if isinstance(found, str) or layout is None or isinstance(layout, str):
+        return None
+    dc, ac, comp, limits, n_mcus = layout
+    if not set(dc.tolist()) | set(ac.tolist()) <= found.keys():
+        return None
+    interval = head.restart_interval or (shared.restart_interval if shared else None) or 0
+    array = np.frombuffer(data, np.uint8)
+    now = entropy.check_scan(array, head.scan_start, *entropy.stack_tables(found), dc, ac, comp, limits, n_mcus, interval)
+    before = _previous_check_scan(array, head.scan_start, *_previous_tables(found), dc, ac, comp, limits, n_mcus, interval)
+    return tuple(map(int, now)), tuple(map(int, before))
+
+
+def _damaged_copies(data: bytes, rng: np.random.Generator) -> list[bytes]:
+    """Copies of a JPEG with its scan damaged: random bytes, a zero run, bit flips, a cut, an 0xFF."""
+    copies, n = [], len(data)
+    at, size = int(rng.integers(n // 10, n - 2)), int(rng.integers(1, 400))
+    copies.append(data[:at] + rng.integers(0, 256, size, dtype=np.uint8).tobytes() + data[at + size :])
+    at, size = int(rng.integers(n // 10, n - 2)), int(rng.integers(1, 400))
+    copies.append(data[:at] + bytes(size) + data[at + size :])
+    flipped = bytearray(data)
+    for _ in range(int(rng.integers(1, 4))):
+        flipped[int(rng.integers(n // 10, n - 2))] ^= 1 << int(rng.integers(0, 8))
+    copies.append(bytes(flipped))
+    at = int(rng.integers(n // 10, n - 2))
+    copies.append(data[:at] + data[at + int(rng.integers(1, 64)) :])
+    copies.append(data[:at] + b"\xff" + data[at + 1 :])
+    return copies
+
+
+def _tiles(path, count: int) -> tuple[list[bytes], bytes | None]:
+    import tifffile
+
+    with tifffile.TiffFile(path) as tif:
+        page, fh = tif.pages[0], tif.filehandle
+        picked = np.linspace(0, len(page.dataoffsets) - 1, min(count, len(page.dataoffsets))).astype(int)
+        tiles = []
+        for index in picked:
+            fh.seek(page.dataoffsets[index])
+            tiles.append(fh.read(page.databytecounts[index]))
+        return tiles, page.jpegtables
+
+
+MOSAIC = Path("/tmp/bench14/cases/pcam-mosaic-30720.tiff")
+
+
+def _slides(cmu_small) -> list:
+    return [cmu_small] + ([MOSAIC] if MOSAIC.exists() else [])
+
+
+def test_check_scan_equals_the_previous_kernel_on_slide_tiles_and_damaged_copies(cmu_small):
+    """Every verdict, position and detail as before, on 200 tiles of each slide (the sample slide;
+    the PCam mosaic of benchmarks/bench_tiling.py, real tissue at q90, when it has been written)
+    and on five damaged copies of each."""
+    rng = np.random.default_rng(14)
+    kinds = set()
+    for path in _slides(cmu_small):
+        tiles, tables = _tiles(path, 200)
+        for data in tiles:
+            now, before = _both_kernels(data, tables)
+            assert now == before and now[0] == entropy.SCAN_OK
+            for bad in _damaged_copies(data, rng):
+                found = _both_kernels(bad, tables)
+                if found is not None:
+                    assert found[0] == found[1], (path.name, found)
+                    kinds.add(found[0][0])
+    assert {entropy.SCAN_OK, entropy.BAD_HUFFMAN_CODE, entropy.PREMATURE_END, entropy.DC_RANGE} <= kinds
+
+
+def test_check_scan_equals_the_reference_on_mosaic_tiles(cmu_small):
+    """The bit-by-bit reference on a few tiles and damaged copies (it takes 0.1 s a tile)."""
+    rng = np.random.default_rng(3)
+    for path in _slides(cmu_small):
+        tiles, tables = _tiles(path, 6)
+        for data in tiles:
+            for bad in [data] + _damaged_copies(data, rng)[:3]:
+                found = _both_kernels(bad, tables)
+                if found is not None:
+                    assert found[0][0] == reference_scan(bad, tables)[0]
+
+
+def test_encoded_jpegs_and_their_damaged_copies_equal_the_previous_kernel():
+    """4:4:4, 4:2:0, grayscale, qualities 30..100 and restart intervals, damaged many ways."""
+    rng = np.random.default_rng(7)
+    images = [imagecodecs.jpeg8_encode(_image(77, 101, 3, seed), level=level, subsampling=sub)
+              for seed, level, sub in ((0, 30, (2, 2)), (1, 75, (1, 1)), (2, 95, (2, 2)), (3, 100, (1, 1)))]
+    images += [imagecodecs.jpeg8_encode(_image(77, 101, 1, 4).squeeze(), level=90), _restart_jpeg()]
+    for data in images:
+        now, before = _both_kernels(data, None)
+        assert now == before and now[0] == entropy.SCAN_OK
+        for _ in range(40):
+            for bad in _damaged_copies(data, rng):
+                found = _both_kernels(bad, None)
+                if found is not None:
+                    assert found[0] == found[1]

@@ -202,7 +202,8 @@ def _huffman_tables(dht: list[bytes]) -> dict[int, entropy.HuffmanTable] | str:
             total = int(counts.sum())
             values = np.frombuffer(payload, np.uint8, min(total, len(payload) - pos - 17), pos + 17)
             try:
-                tables[(payload[pos] >> 4) * 4 + (payload[pos] & 15)] = entropy.huffman_table(counts, values)
+                slot = (payload[pos] >> 4) * 4 + (payload[pos] & 15)
+                tables[slot] = entropy.huffman_table(counts, values, ac=slot >= 4)
             except ValueError as exc:
                 return f"its Huffman table segment (DHT) is invalid ({exc})"
             pos += 17 + total
