@@ -34,11 +34,16 @@ def test_real_slide_mask_and_polygons_agree(cmu_small):
     assert mask.polygons.is_valid and not mask.polygons.is_empty
     minx, miny, maxx, maxy = mask.polygons.bounds
     assert minx >= 0 and miny >= 0 and maxx <= 2220 + 1e-6 and maxy <= 2967 + 1e-6
-    # The polygons cover exactly the mask pixels, in level-0 pixels.
+    # A mask pixel spans exactly the thumbnail's shrink of level-0 pixels; the polygons cover
+    # exactly the mask pixels, clipped to the slide (the last column / row may reach past it).
     sx, sy = mask.level0_per_mask_px
-    assert mask.polygons.area == pytest.approx(mask.raster.sum() * sx * sy, rel=1e-9)
+    assert (sx, sy) == pytest.approx((mask.mask_mpp[0] / slide.mpp[0], mask.mask_mpp[1] / slide.mpp[1]), rel=1e-12)
+    whole = mask_to_polygons(mask.raster, (sx, sy))
+    assert mask.polygons.area == pytest.approx(whole.intersection(shapely.box(0, 0, 2220, 2967)).area, rel=1e-9)
+    assert whole.area - mask.polygons.area < (2220 + 2967) * max(sx, sy)  # at most the clipped edge strip
     rows, cols = np.nonzero(mask.raster)
-    pick = np.random.default_rng(0).choice(len(rows), 200)
+    inside = ((cols + 0.5) * sx < 2220) & ((rows + 0.5) * sy < 2967)
+    pick = np.random.default_rng(0).choice(np.flatnonzero(inside), 200)
     assert shapely.contains_xy(mask.polygons, (cols[pick] + 0.5) * sx, (rows[pick] + 0.5) * sy).all()
 
 

@@ -187,8 +187,13 @@ def detect_tissue(
     thumb, (tmx, tmy) = slide.thumbnail(target, read_budget_px=config.read_budget_px, max_reads=MAX_THUMBNAIL_READS)
     params = segment_params(config, (tmx, tmy))
     raster, threshold = segment_tissue(thumb, params, return_threshold=True)
-    scale = (w0 / raster.shape[1], h0 / raster.shape[0])
+    # A mask pixel is exactly (tmx / mx) level-0 px wide (the thumbnail's integer shrink of its
+    # level); the last column and row may reach past the slide's edge, so outlines are clipped.
+    scale = (tmx / mx, tmy / my)
     polygons = mask_to_polygons(raster, scale)
+    if raster.shape[1] * scale[0] > w0 + 1e-6 or raster.shape[0] * scale[1] > h0 + 1e-6:
+        clipped = shapely.clip_by_rect(polygons, 0.0, 0.0, float(w0), float(h0))
+        polygons = MultiPolygon([g for g in getattr(clipped, "geoms", [clipped]) if isinstance(g, Polygon)])
     mask = TissueMask(
         raster=raster,
         mask_mpp=(tmx, tmy),
