@@ -154,14 +154,22 @@ def _read_segment(head: _JpegHeader, marker: int, payload: bytes, pos: int, tile
     return None
 
 
+def _image_end(data: bytes, head: _JpegHeader) -> int | str:
+    """Where the tile's EOI ends (zero padding some writers leave after it skipped), or why it has none."""
+    end = len(data)
+    while end > head.scan_start and data[end - 1] == 0x00:
+        end -= 1
+    if end - head.scan_start < 2 or data[end - 2] != 0xFF or data[end - 1] != 0xD9:
+        return "it does not end with an end-of-image marker: the tile is cut short or overwritten"
+    return end
+
+
 def _check_scan_markers(data: bytes, head: _JpegHeader) -> str | None:
     """EOI last (after zero padding) and, in a sequential scan, no marker but RSTm before it."""
     n, scan = len(data), head.scan_start
-    end = n
-    while end > scan and data[end - 1] == 0x00:  # zero padding some writers leave after EOI
-        end -= 1
-    if end - scan < 2 or data[end - 2] != 0xFF or data[end - 1] != 0xD9:
-        return "it does not end with an end-of-image marker: the tile is cut short or overwritten"
+    end = _image_end(data, head)
+    if isinstance(end, str):
+        return end
     body = np.frombuffer(data, np.uint8, end - 2 - scan, scan)
     ff = np.flatnonzero(body[:-1] == 0xFF)
     if ff.size:
@@ -296,24 +304,28 @@ class JpegTileCheck:
         head = _parse_jpeg(data, self.tile_width, self.tile_length)
         if isinstance(head, str):
             return head
-        why = _check_scan_markers(data, head)
-        if why is not None:
-            return why
         layout = self._layout(head)
         if layout is None or isinstance(layout, str):
-            return layout
+            return layout if isinstance(layout, str) else _check_scan_markers(data, head)
         tables = self._tables_for(head.dht)
         if isinstance(tables, str):
             return tables
         arrays, defined = tables
         dc, ac, comp, limits, n_mcus = layout
         if not set(dc.tolist()) | set(ac.tolist()) <= defined.keys():
-            return None  # tables defined nowhere: libjpeg would use its defaults; markers checked only
+            # tables defined nowhere: libjpeg would use its defaults; markers checked only
+            return _check_scan_markers(data, head)
         interval = head.restart_interval if head.restart_interval is not None else self._restart_interval
         code, at, detail = entropy.check_scan(np.frombuffer(data, np.uint8), head.scan_start, *arrays, dc, ac, comp,
                                               limits, n_mcus, interval or 0)
         if code == entropy.SCAN_OK:
-            return None
+            # the walk ended at EOI with no marker on the way but the RSTm expected; EOI must be last
+            end = _image_end(data, head)
+            return end if isinstance(end, str) else None
+        # damaged: a stray marker or a cut tile is said as the marker check says it, else the walk's verdict
+        why = _check_scan_markers(data, head)
+        if why is not None:
+            return why
         expected, found = divmod(int(detail), 256)
         found_name = f"RST{found - 0xD0}" if 0xD0 <= found <= 0xD7 else f"0xFF{found:02X}"
         why = _ENTROPY_WHY[code].format(detail=int(detail), expected=expected, found=found_name)
