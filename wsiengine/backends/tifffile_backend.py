@@ -27,7 +27,7 @@ Nothing is decoded before its size is known to be sane:
     JPEG whose SOF claims 65000 x 65000 px is therefore refused without allocating anything,
     where the decoder would have asked for 12 GB;
   - the entropy-coded data of a sequential Huffman 8-bit JPEG tile is then walked without the
-    IDCT (:func:`wsiengine.kernels.jpeg_entropy.check_scan`, 0.3-0.4x the decode time, once per tile): every
+    IDCT (:func:`wsiengine.kernels.jpeg_entropy.check_scan`, about a quarter of the decode time, once per tile): every
     Huffman code, restart marker and padding byte as libjpeg reads them, so whatever libjpeg
     would warn about ("Corrupt JPEG data: bad Huffman code", "premature end of data segment",
     "extraneous bytes before marker", a wrong restart marker) is damage here as in OpenSlide,
