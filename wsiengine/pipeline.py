@@ -129,10 +129,10 @@ def slide_attrs(slide: Slide, out_dir: str | os.PathLike[str] | None, *,
     except ValueError:  # another drive (Windows)
         relative = None
     if anonymous_id is not None:
-        return {"path": None, "path_from_results": None, "name": anonymous_id + path.suffix.lower(),
-                **{k: v for k, v in slide_attrs(slide, None).items() if k not in ("path", "path_from_results", "name")}}
-    return {"path": str(path), "path_from_results": relative, "name": path.name,
-            "dimensions": list(slide.dimensions), "mpp": list(slide.mpp), "mpp_source": slide.mpp_source,
+        where = {"path": None, "path_from_results": None, "name": anonymous_id + path.suffix.lower()}
+    else:
+        where = {"path": str(path), "path_from_results": relative, "name": path.name}
+    return {**where, "dimensions": list(slide.dimensions), "mpp": list(slide.mpp), "mpp_source": slide.mpp_source,
             "backend": slide.backend_name, "vendor": slide.vendor, "fingerprint": slide_fingerprint(path)}
 
 

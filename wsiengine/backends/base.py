@@ -27,6 +27,8 @@ class SlideBackend(abc.ABC):
 
     #: registry name, e.g. ``"openslide"``
     name: ClassVar[str]
+    #: prefix of the library's ``PREFIX.level[N].tile-width`` properties (see :meth:`tile_grid`), or None
+    properties_prefix: ClassVar[str | None] = None
 
     path: Path
     #: (width, height) per level, in pixels of that level; level 0 is the finest
@@ -68,9 +70,19 @@ class SlideBackend(abc.ABC):
         ``[i w, (i + 1) w) x [j h, (j + 1) h)``); None when unknown (the default).
 
         An optional capability: :meth:`wsiengine.slide.Slide.thumbnail` reads whole stored tiles,
-        several at a time in threads, when a backend reports them.
+        several at a time in threads, when a backend reports them. The default reads the
+        ``{properties_prefix}.level[N].tile-width`` / ``-height`` properties that OpenSlide and
+        tiffslide publish.
         """
-        return None
+        prefix = getattr(self, "properties_prefix", None)
+        if prefix is None:
+            return None
+        try:
+            w = int(self.properties[f"{prefix}.level[{level}].tile-width"])
+            h = int(self.properties[f"{prefix}.level[{level}].tile-height"])
+        except (KeyError, ValueError):
+            return None
+        return (w, h) if w > 0 and h > 0 else None
 
     def associated_image_names(self) -> tuple[str, ...]:
         """Names of the non-pyramid images (label, macro, thumbnail). Never read by the engine."""

@@ -16,6 +16,7 @@ class OpenSlideBackend(SlideBackend):
     """Read a slide with OpenSlide 4 (thread-safe; releases the GIL while decoding)."""
 
     name = "openslide"
+    properties_prefix = "openslide"  # its level[N].tile-width/-height give tile_grid
 
     def __init__(self, path: Path, handle) -> None:
         self.path = path
@@ -37,14 +38,6 @@ class OpenSlideBackend(SlideBackend):
             return np.asarray(image.convert("RGB"))
         return composite_on_white(np.asarray(image))
 
-    def tile_grid(self, level: int) -> tuple[int, int] | None:
-        """(width, height) of the level's stored tiles as openslide reports them (``openslide.level[N].tile-width``), or None."""
-        try:
-            w = int(self.properties[f"openslide.level[{level}].tile-width"])
-            h = int(self.properties[f"openslide.level[{level}].tile-height"])
-        except (KeyError, ValueError):
-            return None
-        return (w, h) if w > 0 and h > 0 else None
 
     def associated_image_names(self) -> tuple[str, ...]:
         return tuple(self._handle.associated_images)

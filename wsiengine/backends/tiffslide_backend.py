@@ -24,6 +24,7 @@ class TiffSlideBackend(SlideBackend):
     """Read a slide with tiffslide (pure Python over tifffile and imagecodecs)."""
 
     name = "tiffslide"
+    properties_prefix = "tiffslide"  # its level[N].tile-width/-height give tile_grid
 
     def __init__(self, path: Path, handle) -> None:
         self.path = path
@@ -79,14 +80,6 @@ class TiffSlideBackend(SlideBackend):
         out[cy0 - ly : cy1 - ly, cx0 - lx : cx1 - lx] = array
         return out
 
-    def tile_grid(self, level: int) -> tuple[int, int] | None:
-        """(width, height) of the level's stored tiles as tiffslide reports them (``tiffslide.level[N].tile-width``), or None."""
-        try:
-            w = int(self.properties[f"tiffslide.level[{level}].tile-width"])
-            h = int(self.properties[f"tiffslide.level[{level}].tile-height"])
-        except (KeyError, ValueError):
-            return None
-        return (w, h) if w > 0 and h > 0 else None
 
     def associated_image_names(self) -> tuple[str, ...]:
         return tuple(self._handle.associated_images)

@@ -32,7 +32,8 @@ from ..atomic import atomic_write
 from ..errors import ConfigError, OutputError, log_safe
 from .discovery import SlideEntry
 
-__all__ = ["ID_MAP_NAME", "ANONYMOUS_ID", "anonymize_entries", "read_id_map", "RedactingFormatter"]
+__all__ = ["ID_MAP_NAME", "ANONYMOUS_ID", "anonymize_entries", "read_id_map", "redact", "identifying_names",
+           "RedactingFormatter"]
 
 logger = logging.getLogger("wsiengine")
 
@@ -47,32 +48,40 @@ def read_id_map(path: str | os.PathLike[str]) -> dict[str, str]:
     """``{original slide id (case-folded): anonymous id}`` from a mapping file (empty when there
     is none). Rows whose anonymous id is not of :data:`ANONYMOUS_ID`'s form, or that repeat an
     id, are ignored with a warning."""
-    path = Path(path)
+    return {row["slide_id"].casefold(): row["anonymous_id"] for row in _read_rows(Path(path))}
+
+
+def _read_rows(path: Path) -> list[dict[str, str]]:
+    """The valid rows of a mapping file, first row of an original id kept; none when there is no file."""
     try:
         text = path.read_text(encoding="utf-8")
     except FileNotFoundError:
-        return {}
+        return []
     except (OSError, UnicodeDecodeError) as exc:
         raise ConfigError(f"cannot read the private slide-id map '{path}': {exc}") from exc
-    ids: dict[str, str] = {}
-    used: set[str] = set()
-    for row in csv.DictReader(io.StringIO(text)):
-        anonymous, original = (row.get("anonymous_id") or "").strip(), row.get("slide_id") or ""
-        if not ANONYMOUS_ID.fullmatch(anonymous) or not original or anonymous in used:
+    rows: list[dict[str, str]] = []
+    seen_ids: set[str] = set()
+    seen_originals: set[str] = set()
+    for raw in csv.DictReader(io.StringIO(text)):
+        row = {k: (raw.get(k) or "") for k in _FIELDS}
+        anonymous, original = row["anonymous_id"].strip(), row["slide_id"]
+        if not ANONYMOUS_ID.fullmatch(anonymous) or not original or anonymous in seen_ids:
             logger.warning("%s: ignoring a row that is not 'slide-' and 12 hex digits with a slide id (%s)",
                            log_safe(path.name), log_safe(anonymous[:40]))
             continue
-        ids.setdefault(original.casefold(), anonymous)
-        used.add(anonymous)
-    return ids
+        seen_ids.add(anonymous)
+        if original.casefold() not in seen_originals:
+            seen_originals.add(original.casefold())
+            rows.append({**row, "anonymous_id": anonymous})
+    return rows
 
 
 def anonymize_entries(entries: Sequence[SlideEntry], id_map: str | os.PathLike[str]) -> list[SlideEntry]:
     """``entries`` under their anonymous ids (known ones from ``id_map``, new ones random), the
     mapping file rewritten atomically with every slide it knows (owner-only permissions)."""
     path = Path(id_map).expanduser()
-    known = read_id_map(path)
-    rows = _existing_rows(path)
+    rows = _read_rows(path)
+    known = {row["slide_id"].casefold(): row["anonymous_id"] for row in rows}
     used = set(known.values())
     out = []
     for entry in entries:
@@ -94,15 +103,6 @@ def _new_id(used: set[str]) -> str:
             return candidate
 
 
-def _existing_rows(path: Path) -> list[dict[str, str]]:
-    try:
-        text = path.read_text(encoding="utf-8")
-    except (OSError, UnicodeDecodeError):
-        return []
-    rows = [{k: r.get(k) or "" for k in _FIELDS} for r in csv.DictReader(io.StringIO(text))]
-    return [r for r in rows if ANONYMOUS_ID.fullmatch(r["anonymous_id"].strip()) and r["slide_id"]]
-
-
 def _write_map(path: Path, rows: list[dict[str, str]]) -> None:
     text = io.StringIO()
     writer = csv.DictWriter(text, fieldnames=_FIELDS, lineterminator="\n")
@@ -117,13 +117,31 @@ def _write_map(path: Path, rows: list[dict[str, str]]) -> None:
         raise OutputError(f"cannot write the private slide-id map '{path}': {exc.strerror or exc}") from exc
 
 
+def identifying_names(entry: SlideEntry) -> list[str]:
+    """What of an anonymized slide's identity may appear in a message (its path as given and
+    absolute, file name, original id of 4 characters or more), longest first; none for others."""
+    if not entry.anonymous:
+        return []
+    names = {str(entry.path), str(entry.path.absolute()), entry.path.name}
+    if len(entry.source_id) >= 4:
+        names.add(entry.source_id)
+    return sorted((n for n in names if n), key=len, reverse=True)
+
+
+def redact(entry: SlideEntry, text: str) -> str:
+    """``text`` with an anonymized slide's identifying names replaced by its id."""
+    for name in identifying_names(entry):
+        text = text.replace(name, entry.slide_id)
+    return text
+
+
 class RedactingFormatter(logging.Formatter):
     """A log formatter that replaces each anonymized slide's path, file name and original id by
     its anonymous id (for ``wsiengine.log`` of an anonymized run)."""
 
     def __init__(self, fmt: str, entries: Sequence[SlideEntry]) -> None:
         super().__init__(fmt)
-        self._ids = {name: e.slide_id for e in entries for name in e.identifying_names()}
+        self._ids = {name: e.slide_id for e in entries for name in identifying_names(e)}
         names = sorted(self._ids, key=len, reverse=True)
         self._pattern = re.compile("|".join(map(re.escape, names))) if names else None
 

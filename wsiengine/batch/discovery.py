@@ -40,22 +40,6 @@ class SlideEntry:
         """The path outputs record: none for an anonymized slide."""
         return "" if self.anonymous else str(self.path)
 
-    def identifying_names(self) -> list[str]:
-        """What of an anonymized slide's identity may appear in a message (its path as given and
-        absolute, file name, original id of 4 characters or more), longest first."""
-        if not self.anonymous:
-            return []
-        names = {str(self.path), str(self.path.absolute()), self.path.name}
-        if len(self.source_id) >= 4:
-            names.add(self.source_id)
-        return sorted((n for n in names if n), key=len, reverse=True)
-
-    def redact(self, text: str) -> str:
-        """``text`` with this anonymized slide's identifying names replaced by its id."""
-        for name in self.identifying_names():
-            text = text.replace(name, self.slide_id)
-        return text
-
 
 def _probe(path: Path) -> bool:
     from ..slide import open_slide

@@ -25,7 +25,7 @@ from ..config import RunConfig, physical_cores
 from ..errors import ConfigError, OutputError, WsiEngineError, log_safe
 from ..pipeline import Pipeline, configured_mpp
 from ..stream import bounded_as_completed
-from .anonymize import ID_MAP_NAME, RedactingFormatter, anonymize_entries
+from .anonymize import ID_MAP_NAME, RedactingFormatter, anonymize_entries, redact
 from .discovery import SLIDE_EXTENSIONS, SlideEntry, discover_slides
 from .location import OutputLock, ResultsLocation, _pid_alive
 from .summary import (
@@ -109,7 +109,7 @@ def process_slide(entry: SlideEntry, out_dir: str, config: RunConfig, mpp: tuple
         return SummaryRow(entry.slide_id, entry.shown_path, "done", label=label, probability=res.probability,
                           n_tiles=res.n_tiles, seconds=time.perf_counter() - started)
     except Exception as exc:  # noqa: BLE001 - one bad slide never stops the batch
-        text = entry.redact(_error_text(exc, out_dir))
+        text = redact(entry, _error_text(exc, out_dir))
         logger.error("%s failed: %s", log_safe(entry.slide_id), log_safe(text),
                      exc_info=not isinstance(exc, WsiEngineError) and _output_oserror(exc) is None)
         return SummaryRow(entry.slide_id, entry.shown_path, "failed", seconds=time.perf_counter() - started,
