@@ -1,19 +1,24 @@
-"""Linear probe on real PCam lymph-node patches: encoder embeddings vs a colour-histogram baseline.
+"""Linear probe on real PCam lymph-node patches: each encoder's embeddings vs a colour-histogram baseline.
 
-    python benchmarks/bench_pcam_probe.py                                   # 4,000 train, all 3,000 valid and test
-    python benchmarks/bench_pcam_probe.py --n-train all --cache /tmp/pcam-cache --providers cuda
+    python benchmarks/bench_pcam_probe.py                     # imagenet-lite0 and default; 4,000 train, all 3,000 valid and test
+    python benchmarks/bench_pcam_probe.py --encoders imagenet-lite0 default --cache /tmp/pcam-cache
+    python benchmarks/bench_pcam_probe.py --encoder default --n-train all --providers cuda
 
 A balanced random subset of PCam train (``--n-train``, n/2 per class; label 1 = tumour), all of
-PCam valid and all of PCam test (or balanced subsets) are embedded once with the chosen encoder
-(96 px at 0.972 µm/px, resized to the encoder's input inside ``Encoder.embed``). The probe is an
+PCam valid and all of PCam test (or balanced subsets) are embedded once with each encoder of
+``--encoders`` (``--encoder NAME`` for one), the same patches for every one (96 px at 0.972 µm/px,
+resized to the encoder's input inside ``Encoder.embed_with_scores``). The probe is an
 L2-regularised logistic regression on standardised features (scikit-learn); C is chosen from a
 grid by valid AUC, the decision threshold that maximises balanced accuracy on valid is kept too,
 and only then is test scored once: accuracy at 0.5 and at the valid threshold, AUC with a 95 %
-percentile bootstrap CI (1,000 seeded resamples). The same probe runs in the same process on a
-colour baseline (3 x 16-bin RGB histograms + per-channel mean and sd, 54 features), with a paired
-bootstrap CI of the AUC difference. A learning curve refits the probe (C re-chosen on valid) on
-balanced subsets of the embedded train patches (200, 1,000, 4,000 and ``--n-train``; several
-draws below ``--n-train``). Nothing is chosen on test.
+percentile bootstrap CI (1,000 seeded resamples, the same for every row). An encoder with its own
+tile classifier (``has_tile_scores``) also has its ``tumour_probability`` output scored, with no
+fitting (threshold from valid). The same probe runs in the same process on a colour baseline
+(3 x 16-bin RGB histograms + per-channel mean and sd, 54 features); paired bootstrap CIs of the
+AUC differences vs the colour baseline and vs the first encoder. A learning curve refits the probe
+(C re-chosen on valid) on balanced subsets of the embedded train patches (200, 1,000, 4,000 and
+``--n-train``; several draws below ``--n-train``), the same subsets for every encoder. Nothing is
+chosen on test. Prints one side-by-side summary.
 Data: ``../shared/data/pcam/{train,valid,test}/{0,1}/*.jpg`` or ``--data``. ``--cache DIR`` keeps
 features in ``DIR/*.npz`` keyed by encoder (sha256 + spec) and file list, so a rerun skips embedding.
 """
@@ -76,21 +81,25 @@ def colour_features(images: np.ndarray) -> np.ndarray:
     return np.concatenate([hist, mean / 255.0, sd / 255.0], axis=1).astype(np.float32)
 
 
-def featurise(encoder, paths: list[Path], timings: dict[str, float], batch: int = 32) -> tuple[np.ndarray, np.ndarray]:
-    """Decode each JPEG once -> (encoder embeddings (N, D), colour features (N, 54)); adds seconds to ``timings``."""
-    emb, col = [], []
+def featurise(encoder, paths: list[Path], timings: dict[str, float],
+              batch: int = 32) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
+    """Decode each JPEG once -> (encoder embeddings (N, D), colour features (N, 54), the encoder's own
+    tumour probability (N,) or None); adds seconds to ``timings``."""
+    emb, col, scores = [], [], []
     for i in range(0, len(paths), batch):
         t0 = time.perf_counter()
         images = load_patches(paths[i : i + batch])
         t1 = time.perf_counter()
-        emb.append(encoder.embed(images))
+        e, p = encoder.embed_with_scores(images)
+        emb.append(e)
+        scores.append(p)
         t2 = time.perf_counter()
         col.append(colour_features(images))
         t3 = time.perf_counter()
         timings["decode"] += t1 - t0
         timings["embed"] += t2 - t1
         timings["colour"] += t3 - t2
-    return np.concatenate(emb), np.concatenate(col)
+    return np.concatenate(emb), np.concatenate(col), (np.concatenate(scores) if encoder.has_tile_scores else None)
 
 
 def cache_key(encoder_id: dict, data: Path, paths: list[Path]) -> str:
@@ -103,21 +112,22 @@ def cache_key(encoder_id: dict, data: Path, paths: list[Path]) -> str:
 
 
 def load_or_featurise(encoder, encoder_id: dict | None, cache: Path | None, data: Path, split: str,
-                      paths: list[Path], timings: dict[str, float]) -> tuple[np.ndarray, np.ndarray, bool]:
-    """Features for one split, from ``cache`` when present there -> (emb, colour, came_from_cache)."""
+                      paths: list[Path], timings: dict[str, float]) -> tuple[np.ndarray, np.ndarray, np.ndarray | None, bool]:
+    """Features for one split, from ``cache`` when present there -> (emb, colour, own scores or None, came_from_cache)."""
     target = None
     if cache is not None:
         target = cache / f"pcam-{split}-{encoder.spec.name}-{len(paths)}-{cache_key(encoder_id, data, paths)}.npz"
         if target.is_file():
             with np.load(target) as z:
-                return z["embeddings"], z["colour"], True
-    emb, col = featurise(encoder, paths, timings)
+                if "scores" in z or not encoder.has_tile_scores:  # caches from before scores were kept: redo
+                    return z["embeddings"], z["colour"], (z["scores"] if "scores" in z else None), True
+    emb, col, scores = featurise(encoder, paths, timings)
     if target is not None:
         cache.mkdir(parents=True, exist_ok=True)
         tmp = target.with_name(target.name + ".partial.npz")
-        np.savez(tmp, embeddings=emb, colour=col)
+        np.savez(tmp, embeddings=emb, colour=col, **({"scores": scores} if scores is not None else {}))
         os.replace(tmp, target)
-    return emb, col, False
+    return emb, col, scores, False
 
 
 # -- probe -----------------------------------------------------------------------------------
@@ -138,7 +148,7 @@ def fit_probe(x_tr: np.ndarray, y_tr: np.ndarray, x_va: np.ndarray, y_va: np.nda
     """Standardise + L2 logistic regression; C by valid AUC, threshold by valid balanced accuracy; score test once."""
     from sklearn.exceptions import ConvergenceWarning
     from sklearn.linear_model import LogisticRegression
-    from sklearn.metrics import roc_auc_score, roc_curve
+    from sklearn.metrics import roc_auc_score
     from sklearn.preprocessing import StandardScaler
 
     scaler = StandardScaler().fit(x_tr)
@@ -153,17 +163,39 @@ def fit_probe(x_tr: np.ndarray, y_tr: np.ndarray, x_va: np.ndarray, y_va: np.nda
         auc = roc_auc_score(y_va, clf.decision_function(s_va))
         if best is None or auc > best[0]:
             best = (auc, c, copy.deepcopy(clf))
-    valid_auc, c, clf = best
-    p_va = clf.predict_proba(s_va)[:, 1]
+    _, c, clf = best
+    return score(clf.predict_proba(s_va)[:, 1], y_va, clf.predict_proba(s_te)[:, 1], y_te, n_train=len(y_tr), c=c)
+
+
+def score(p_va: np.ndarray, y_va: np.ndarray, p_te: np.ndarray, y_te: np.ndarray, n_train: int = 0,
+          c: float = float("nan")) -> ProbeResult:
+    """Valid AUC and the threshold that maximises balanced accuracy on valid; then test, once."""
+    from sklearn.metrics import roc_auc_score, roc_curve
+
     fpr, tpr, thr = roc_curve(y_va, p_va)
     threshold = float(np.clip(thr[int(np.argmax(tpr - fpr))], 0.0, 1.0))  # max (tpr + tnr) / 2
-    p_te = clf.predict_proba(s_te)[:, 1]
     return ProbeResult(
-        n_train=len(y_tr), c=c, valid_auc=float(valid_auc), threshold=threshold, test_prob=p_te,
+        n_train=n_train, c=c, valid_auc=float(roc_auc_score(y_va, p_va)), threshold=threshold, test_prob=p_te,
         test_auc=float(roc_auc_score(y_te, p_te)),
         test_acc_05=float(np.mean((p_te >= 0.5) == y_te)),
         test_acc_thr=float(np.mean((p_te >= threshold) == y_te)),
     )
+
+
+def learning_curve(x_tr: np.ndarray, y_tr: np.ndarray, x_va: np.ndarray, y_va: np.ndarray, x_te: np.ndarray,
+                   y_te: np.ndarray, full: ProbeResult, draws: int, seed: int) -> dict[int, list[float]]:
+    """Test AUCs of the probe refitted (C re-chosen on valid) on ``draws`` balanced subsets of the train pool per
+    size below it (``full`` at the pool size). The subsets depend only on labels and seed: every feature set sees the same."""
+    n_pool = len(y_tr)
+    idx_by_label = [np.flatnonzero(y_tr == label) for label in (0, 1)]
+    rng = np.random.default_rng(seed)
+    curve = {n_pool: [full.test_auc]}
+    for size in sorted(s for s in CURVE_SIZES if s < n_pool):
+        curve[size] = []
+        for _ in range(draws):
+            sub = np.concatenate([rng.choice(ix, size=size // 2, replace=False) for ix in idx_by_label])
+            curve[size].append(fit_probe(x_tr[sub], y_tr[sub], x_va, y_va, x_te, y_te).test_auc)
+    return dict(sorted(curve.items()))
 
 
 def bootstrap_aucs(y: np.ndarray, probs: list[np.ndarray], seed: int, n_boot: int = N_BOOT) -> np.ndarray:
@@ -207,10 +239,23 @@ def parse_n(text: str) -> int | None:
 
 
 # -- main ------------------------------------------------------------------------------------
+@dataclass
+class EncoderRun:
+    name: str  # as asked on the command line
+    title: str  # registry name, file, dimension
+    probe: ProbeResult
+    curve: dict[int, list[float]]
+    own: ProbeResult | None  # the encoder's own tumour_probability output, no fitting
+    throughput: str
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--data", type=Path, default=DEFAULT_DATA, help="PCam folder with train/, valid/, test/ (default: %(default)s)")
-    parser.add_argument("--encoder", default="default", help="encoder: 'default', a registry name with weights, or an .onnx path")
+    which = parser.add_mutually_exclusive_group()
+    which.add_argument("--encoders", nargs="+", default=["imagenet-lite0", "default"],
+                       help="encoders: 'default', registry names with weights, or .onnx paths (default: %(default)s)")
+    which.add_argument("--encoder", help="one encoder (same as --encoders NAME)")
     parser.add_argument("--providers", default="auto", help="ONNX Runtime providers: auto, cpu, cuda, tensorrt")
     parser.add_argument("--n-train", type=parse_n, default=4000, help="balanced PCam train patches, or 'all' (default 4000)")
     parser.add_argument("--n-valid", type=parse_n, default=None, help="balanced PCam valid patches, or 'all' (default all)")
@@ -219,6 +264,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--cache", type=Path, default=None, help="folder for an .npz feature cache (default: off)")
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
+    names = [args.encoder] if args.encoder else args.encoders
 
     import onnxruntime
     import sklearn
@@ -240,104 +286,109 @@ def main(argv: list[str] | None = None) -> int:
         "valid": pick_balanced(files["valid"], args.n_valid, rng),
         "test": pick_balanced(files["test"], args.n_test, rng),
     }
-
-    encoder = Encoder.load(args.encoder, providers=args.providers)
-    encoder_id = None
-    if args.cache is not None:
-        desc = encoder.describe()
-        encoder_id = {"spec": desc["spec"], "sha256": desc["sha256"]}
-    feats: dict[str, tuple[np.ndarray, np.ndarray]] = {}
-    timings = {"decode": 0.0, "embed": 0.0, "colour": 0.0}
-    n_embedded, cached = 0, []
-    encoder.embed(np.zeros((2, 96, 96, 3), np.uint8))  # warm-up (Numba, ONNX Runtime), outside the timings
-    load_before = os.getloadavg()[0]
-    t_wall = time.perf_counter()
-    for split in SPLITS:
-        paths, _ = picked[split]
-        emb, col, hit = load_or_featurise(encoder, encoder_id, args.cache, args.data, split, paths, timings)
-        if hit:
-            cached.append(split)
-        else:
-            n_embedded += len(paths)
-        feats[split] = (emb, col)
-    featurise_s = time.perf_counter() - t_wall
-    load_after = os.getloadavg()[0]
     y = {split: picked[split][1] for split in SPLITS}
 
-    t0 = time.perf_counter()
-    (e_tr, c_tr), (e_va, c_va), (e_te, c_te) = feats["train"], feats["valid"], feats["test"]
-    enc_res = fit_probe(e_tr, y["train"], e_va, y["valid"], e_te, y["test"])
-    col_res = fit_probe(c_tr, y["train"], c_va, y["valid"], c_te, y["test"])
-    boot = bootstrap_aucs(y["test"], [enc_res.test_prob, col_res.test_prob], seed=args.seed)
-    enc_ci, col_ci = ci(boot[:, 0]), ci(boot[:, 1])
-    diff_ci = ci(boot[:, 0] - boot[:, 1])
-
-    # learning curve: balanced subsets of the embedded train pool, C re-chosen on valid each time
-    n_pool = len(y["train"])
-    idx_by_label = [np.flatnonzero(y["train"] == label) for label in (0, 1)]
-    sizes = sorted({s for s in CURVE_SIZES if s < n_pool} | {n_pool})
-    curve_rng = np.random.default_rng(args.seed + 1)
-    curve: dict[int, dict[str, list[float]]] = {}
-    for size in sizes:
-        draws = 1 if size == n_pool else args.curve_draws
-        for _ in range(draws):
-            if size == n_pool:
-                sub = np.arange(n_pool)
-                r_enc, r_col = enc_res, col_res
+    runs: list[EncoderRun] = []
+    colour: dict[str, np.ndarray] = {}
+    providers: list[str] = []
+    load_before = os.getloadavg()[0]
+    t_probe = 0.0
+    for name in names:
+        encoder = Encoder.load(name, providers=args.providers)
+        providers = encoder.providers
+        encoder_id = None
+        if args.cache is not None:
+            desc = encoder.describe()
+            encoder_id = {"spec": desc["spec"], "sha256": desc["sha256"]}
+        feats: dict[str, np.ndarray] = {}
+        scores: dict[str, np.ndarray | None] = {}
+        timings = {"decode": 0.0, "embed": 0.0, "colour": 0.0}
+        n_embedded, cached = 0, []
+        encoder.embed(np.zeros((2, 96, 96, 3), np.uint8))  # warm-up (Numba, ONNX Runtime), outside the timings
+        t_wall = time.perf_counter()
+        for split in SPLITS:
+            paths, _ = picked[split]
+            emb, col, own, hit = load_or_featurise(encoder, encoder_id, args.cache, args.data, split, paths, timings)
+            if hit:
+                cached.append(split)
             else:
-                sub = np.concatenate([curve_rng.choice(ix, size=size // 2, replace=False) for ix in idx_by_label])
-                r_enc = fit_probe(e_tr[sub], y["train"][sub], e_va, y["valid"], e_te, y["test"])
-                r_col = fit_probe(c_tr[sub], y["train"][sub], c_va, y["valid"], c_te, y["test"])
-            row = curve.setdefault(size, {"enc": [], "col": []})
-            row["enc"].append(r_enc.test_auc)
-            row["col"].append(r_col.test_auc)
-    probe_s = time.perf_counter() - t0
+                n_embedded += len(paths)
+            feats[split], scores[split] = emb, own
+            colour.setdefault(split, col)  # the same patches for every encoder
+        featurise_s = time.perf_counter() - t_wall
+        if n_embedded:
+            throughput = (f"{n_embedded} patches, Encoder.embed_with_scores (96 -> {encoder.spec.input_px} px resize, "
+                          f"normalise, inference, batch 32) {timings['embed']:.1f} s = {n_embedded / timings['embed']:.0f} "
+                          f"patches/s; with JPEG decode and colour features {featurise_s:.1f} s = "
+                          f"{n_embedded / featurise_s:.0f} patches/s" + (f"; from cache: {', '.join(cached)}" if cached else ""))
+        else:
+            throughput = f"n/a, all features from cache {args.cache}"
+
+        t0 = time.perf_counter()
+        xy = (feats["train"], y["train"], feats["valid"], y["valid"], feats["test"], y["test"])
+        probe = fit_probe(*xy)
+        curve = learning_curve(*xy, full=probe, draws=args.curve_draws, seed=args.seed + 1)
+        own = score(scores["valid"], y["valid"], scores["test"], y["test"]) if encoder.has_tile_scores else None
+        t_probe += time.perf_counter() - t0
+        title = f"`{encoder.spec.name}` ({encoder.path.name}, {encoder.spec.input_px} px, {encoder.embed_dim}-d)"
+        runs.append(EncoderRun(name, title, probe, curve, own, throughput))
+    load_after = os.getloadavg()[0]
+
+    t0 = time.perf_counter()
+    xy = (colour["train"], y["train"], colour["valid"], y["valid"], colour["test"], y["test"])
+    col_res = fit_probe(*xy)
+    col_curve = learning_curve(*xy, full=col_res, draws=args.curve_draws, seed=args.seed + 1)
+    # one set of seeded test resamples for every score vector: paired CIs of any difference
+    rows: list[tuple[str, ProbeResult]] = [(f"{r.title} linear probe", r.probe) for r in runs]
+    rows += [(f"{r.title} own `tumour_probability` (no fitting)", r.own) for r in runs if r.own is not None]
+    rows.append(("colour baseline (54-d RGB histograms) linear probe", col_res))
+    boot = bootstrap_aucs(y["test"], [res.test_prob for _, res in rows], seed=args.seed)
+    t_probe += time.perf_counter() - t0
 
     # -- report ---------------------------------------------------------------------------
-    provider = encoder.providers[0]
     print(f"# PCam linear probe ({dt.datetime.now(dt.timezone.utc):%Y-%m-%d %H:%M} UTC)")
-    print(f"wsiengine {wsiengine.__version__}, encoder {encoder.spec.name} ({encoder.path.name}, {encoder.embed_dim}-d), "
-          f"ONNX Runtime {onnxruntime.__version__} {provider}, scikit-learn {sklearn.__version__}")
+    print(f"wsiengine {wsiengine.__version__}, ONNX Runtime {onnxruntime.__version__} {providers[0]}, "
+          f"scikit-learn {sklearn.__version__}; encoders: {', '.join(names)}")
     print(f"machine: {platform.platform()}, {cpu_name()}, {os.cpu_count()} cores, python {platform.python_version()}; "
           f"1-min load average {load_before:.2f} before / {load_after:.2f} after featurising")
     print(f"data: {args.data}; train {len(y['train'])} ({np.sum(y['train'] == 1)} tumour), "
-          f"valid {len(y['valid'])} ({np.sum(y['valid'] == 1)} tumour), test {len(y['test'])} ({np.sum(y['test'] == 1)} tumour); seed {args.seed}")
-    if n_embedded:
-        print(f"embedding throughput: {n_embedded} patches, Encoder.embed (96 -> {encoder.spec.input_px} px resize, normalise, "
-              f"inference, batch 32) {timings['embed']:.1f} s = {n_embedded / timings['embed']:.0f} patches/s; "
-              f"with JPEG decode and colour features {featurise_s:.1f} s = {n_embedded / featurise_s:.0f} patches/s"
-              + (f"; from cache: {', '.join(cached)}" if cached else ""))
-    else:
-        print(f"embedding throughput: n/a, all features from cache {args.cache}")
+          f"valid {len(y['valid'])} ({np.sum(y['valid'] == 1)} tumour), test {len(y['test'])} ({np.sum(y['test'] == 1)} tumour); "
+          f"seed {args.seed}; the same patches for every encoder")
     print(f"probes: standardised features, L2 logistic regression, C in 1e-7..1e3 (21 half-decade steps) chosen on valid AUC; "
-          f"test AUC 95 % CI from {N_BOOT} seeded bootstrap resamples; all fits and bootstraps {probe_s:.1f} s")
-    for name, res in (("encoder", enc_res), ("colour", col_res)):
-        edge = " (grid edge)" if res.c in (C_GRID[0], C_GRID[-1]) else ""
-        print(f"  {name}: C = {res.c:.3g}{edge}, valid AUC {res.valid_auc:.3f}, valid threshold {res.threshold:.3f}")
+          f"threshold maximising valid balanced accuracy; test AUC 95 % CI from {N_BOOT} seeded bootstrap resamples "
+          f"(the same resamples for every row); all fits and bootstraps {t_probe:.1f} s")
+    for r in runs:
+        print(f"embedding throughput, {r.name}: {r.throughput}")
     print()
-    print("| features | train patches | test AUC (95 % CI) | test accuracy @ 0.5 | test accuracy @ valid threshold |")
-    print("| --- | --- | --- | --- | --- |")
-    for label, res, (lo, hi) in (
-        (f"`{encoder.spec.name}` encoder ({encoder.embed_dim}-d)", enc_res, enc_ci),
-        ("colour baseline (54-d RGB histograms)", col_res, col_ci),
-    ):
-        print(f"| {label} | {res.n_train:,} | {res.test_auc:.3f} ({lo:.3f}–{hi:.3f}) | {res.test_acc_05:.3f} | "
-              f"{res.test_acc_thr:.3f} (t = {res.threshold:.3f}) |")
+    print("| features | train patches | C | valid AUC | test AUC (95 % CI) | test accuracy @ 0.5 | test accuracy @ valid threshold |")
+    print("| --- | --- | --- | --- | --- | --- | --- |")
+    for i, (label, res) in enumerate(rows):
+        lo, hi = ci(boot[:, i])
+        c = "—" if np.isnan(res.c) else f"{res.c:.3g}" + (" (grid edge)" if res.c in (C_GRID[0], C_GRID[-1]) else "")
+        n_train = "0 (no fitting)" if res.n_train == 0 else f"{res.n_train:,}"
+        print(f"| {label} | {n_train} | {c} | {res.valid_auc:.3f} | {res.test_auc:.3f} ({lo:.3f}–{hi:.3f}) | "
+              f"{res.test_acc_05:.3f} | {res.test_acc_thr:.3f} (t = {res.threshold:.3f}) |")
     print()
-    print(f"encoder vs colour baseline: test AUC {enc_res.test_auc:.3f} vs {col_res.test_auc:.3f}, "
-          f"difference {enc_res.test_auc - col_res.test_auc:+.3f} (paired bootstrap 95 % CI {diff_ci[0]:+.3f} to {diff_ci[1]:+.3f}); "
-          f"test error at 0.5 {1 - enc_res.test_acc_05:.3f} vs {1 - col_res.test_acc_05:.3f} "
-          f"({(1 - col_res.test_acc_05) / max(1 - enc_res.test_acc_05, 1e-9):.2f}x fewer errors)")
+    print("test AUC differences (paired bootstrap 95 % CI):")
+    col_i = len(rows) - 1
+    for i, (label, res) in enumerate(rows[:-1]):
+        lo, hi = ci(boot[:, i] - boot[:, col_i])
+        print(f"  {label} - colour baseline: {res.test_auc - col_res.test_auc:+.3f} ({lo:+.3f} to {hi:+.3f}); "
+              f"test error at 0.5 {1 - res.test_acc_05:.3f} vs {1 - col_res.test_acc_05:.3f}")
+    for i, (label, res) in enumerate(rows[1:-1], start=1):
+        lo, hi = ci(boot[:, i] - boot[:, 0])
+        print(f"  {label} - {rows[0][0]}: {res.test_auc - rows[0][1].test_auc:+.3f} ({lo:+.3f} to {hi:+.3f})")
     print()
-    print(f"learning curve (test AUC; balanced train subsets, C re-chosen on valid; mean ± sd over "
-          f"{args.curve_draws} draws below {n_pool:,}):")
+    n_pool = len(y["train"])
+    print(f"learning curve (linear-probe test AUC; balanced train subsets, the same for every column, C re-chosen on valid; "
+          f"mean ± sd over {args.curve_draws} draws below {n_pool:,}):")
     print()
-    print("| train patches (half tumour) | encoder test AUC | colour baseline test AUC |")
-    print("| --- | --- | --- |")
-    for size in sizes:
+    print("| train patches (half tumour) | " + " | ".join(r.name for r in runs) + " | colour baseline |")
+    print("| --- |" + " --- |" * (len(runs) + 1))
+    for size in col_curve:
         cells = []
-        for key in ("enc", "col"):
-            a = np.asarray(curve[size][key])
+        for curve in [r.curve for r in runs] + [col_curve]:
+            a = np.asarray(curve[size])
             cells.append(f"{a.mean():.3f} ± {a.std(ddof=1):.3f}" if len(a) > 1 else f"{a[0]:.3f}")
         print(f"| {size:,} | " + " | ".join(cells) + " |")
     print("\nchance: AUC 0.500, accuracy 0.500 (balanced valid and test)")
