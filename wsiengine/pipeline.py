@@ -166,7 +166,7 @@ def load_encoder(config: RunConfig) -> Encoder:
     """The encoder ``config.encoder`` names, with its ONNX Runtime options."""
     e = config.encoder
     return Encoder.load(e.encoder, weights=e.encoder_weights, providers=e.provider_list, allow_fallback=e.allow_fallback,
-                        threads=e.threads or None, fp16=e.fp16, device_id=e.device_id, trt_cache_dir=e.trt_cache_dir)
+                        threads=e.threads or None, precision=e.precision, device_id=e.device_id, trt_cache_dir=e.trt_cache_dir)
 
 
 def load_mil(config: RunConfig) -> MILHead | None:

@@ -35,7 +35,8 @@ def resolve_config(config: RunConfig, *, encoder: Encoder | None = None, mil: MI
     if encoder is not None:
         spec, encoder_sha = encoder.spec, encoder.describe()["sha256"]
     else:
-        spec, path = Encoder.locate(config.encoder.encoder, config.encoder.encoder_weights)
+        spec, path = Encoder.locate(config.encoder.encoder, config.encoder.encoder_weights,
+                                    precision=config.encoder.precision)
         encoder_sha = sha256_file(path)
     if mil is not None:
         head, head_config = mil.tiling, mil.config

@@ -52,9 +52,9 @@ def _export_bytes(model, input_px: int) -> bytes:
     proto.graph.name = "efficientnet_lite0"
     from ..registry import get_encoder_spec
 
-    spec = get_encoder_spec("default")
+    spec = get_encoder_spec("imagenet-lite0")
     meta = {
-        "wsiengine.encoder": "default",
+        "wsiengine.encoder": "imagenet-lite0",
         "architecture": "EfficientNet-Lite0, ImageNet-1k, global average pooled head (1280)",
         "input": f"{INPUT_NAME}: float32 (batch, 3, {input_px}, {input_px}) RGB, (x/255 - mean) / std",
         "mean": ",".join(f"{v:.10g}" for v in spec.mean),
@@ -204,7 +204,7 @@ def main(argv: list[str] | None = None) -> int:
     from ..registry import get_encoder_spec
 
     torch.manual_seed(0)
-    spec = get_encoder_spec("default")
+    spec = get_encoder_spec("imagenet-lite0")
     checkpoint = args.weights or default_checkpoint_path()
     model = build_efficientnet_lite0(checkpoint, image_px=spec.input_px)
     data = _export_bytes(model, spec.input_px)

@@ -58,7 +58,7 @@ _RESOLVED = ("encoder.encoder_sha256", "encoder.encoder_spec_sha256", "mil.mil_s
 #: Sources that name a model (the labels of :class:`ModelTiling`).
 _MODEL_SOURCES = ("MIL head", "encoder ")
 #: Fields of those sections that do not change results.
-_NOT_RESULTS = frozenset({"providers", "allow_fallback", "threads", "fp16", "device_id", "trt_cache_dir", "report",
+_NOT_RESULTS = frozenset({"providers", "allow_fallback", "threads", "device_id", "trt_cache_dir", "report",
                           "encoder", "encoder_weights", "mil", "id_map"})
 
 

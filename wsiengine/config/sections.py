@@ -260,8 +260,8 @@ class EncoderConfig(_Section):
         Fall back to the CPU (logged) when a requested GPU provider is missing or fails.
     threads : int
         Encoder CPU threads (ONNX Runtime intra-op); 0 means the physical cores, shared out among local batch workers.
-    fp16 : bool
-        On GPU, run in float16: TensorRT builds fp16 engines, CUDA runs a float16 copy of the model.
+    precision : {"auto", "fp32", "fp16", "int8"}
+        Encoder arithmetic: auto is float16 on a GPU and float32 on the CPU; int8 runs the encoder's calibrated int8 copy.
     device_id : int
         CUDA device the encoder runs on.
     trt_cache_dir : str, optional
@@ -277,7 +277,7 @@ class EncoderConfig(_Section):
     providers: str = "auto"
     allow_fallback: bool = False
     threads: int = 0
-    fp16: bool = True
+    precision: Literal["auto", "fp32", "fp16", "int8"] = "auto"
     device_id: int = 0
     trt_cache_dir: str | None = None
     encoder_sha256: str | None = field(default=None, metadata={"resolved": True})
@@ -287,6 +287,7 @@ class EncoderConfig(_Section):
         if not self.encoder:
             raise ConfigError("encoder must name 'default', a registry encoder or an .onnx file")
         _non_negative(self, "threads", "device_id")
+        self._check_choices()
 
     @property
     def provider_list(self) -> str | list[str]:

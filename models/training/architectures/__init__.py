@@ -13,7 +13,7 @@ from __future__ import annotations
 import importlib
 from typing import Any
 
-__all__ = ["VisionTransformer", "ResNet50Trunc", "SwinTransformerCTransPath", "ConchVisionTower", "EfficientNetLite0"]
+__all__ = ["VisionTransformer", "ResNet50Trunc", "SwinTransformerCTransPath", "ConchVisionTower", "EfficientNetLite0", "LymphNodeLite0"]
 
 _WHERE = {
     "VisionTransformer": "vit",
@@ -21,6 +21,7 @@ _WHERE = {
     "SwinTransformerCTransPath": "swin",
     "ConchVisionTower": "conch",
     "EfficientNetLite0": "efficientnet_lite",
+    "LymphNodeLite0": "efficientnet_lite",
 }
 
 

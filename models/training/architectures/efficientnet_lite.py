@@ -35,6 +35,7 @@ __all__ = [
     "default_checkpoint_path",
     "load_efficientnet_lite0_weights",
     "build_efficientnet_lite0",
+    "LymphNodeLite0",
 ]
 
 #: Per-channel normalisation of RGB in [0, 1]: TF Lite models use (x - 127) / 128 on 0..255.
@@ -244,3 +245,30 @@ def build_efficientnet_lite0(weights: str | Path | None | bool = True, **kwargs)
     elif weights:
         load_efficientnet_lite0_weights(model, weights)
     return model.eval()
+
+
+class LymphNodeLite0(nn.Module):
+    """EfficientNet-Lite0 trunk plus a tumour classifier: the ``lymphnode-lite0`` encoder.
+
+    ``forward(x)`` returns ``(embeddings (B, 1280), tumour_probability (B,))`` of normalised
+    ``(B, 3, H, W)`` images (the exported ONNX graph's two outputs); :meth:`logits` returns the
+    classifier's logit ``(B,)`` for training. Dropout acts before the classifier in train mode only.
+    """
+
+    embed_dim = _HEAD_CHANNELS
+
+    def __init__(self, backbone: EfficientNetLite0, dropout: float = 0.2) -> None:
+        super().__init__()
+        self.backbone = backbone
+        self.dropout = nn.Dropout(dropout)
+        self.classifier = nn.Linear(_HEAD_CHANNELS, 1)
+        nn.init.normal_(self.classifier.weight, std=0.01)
+        nn.init.zeros_(self.classifier.bias)
+        self.backbone.classifier = nn.Identity()  # the ImageNet classifier is not used
+
+    def logits(self, x: torch.Tensor) -> torch.Tensor:
+        return self.classifier(self.dropout(self.backbone(x))).squeeze(-1)
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        embeddings = self.backbone(x)
+        return embeddings, torch.sigmoid(self.classifier(embeddings).squeeze(-1))
