@@ -152,14 +152,14 @@ def test_the_whole_pipeline_runs_and_reports_next_to_the_anchors(first_run):
     assert set(res["ensemble"]["probabilities"]) == set(TEST_LABELS)
     assert res["test_auc_across_splits"]["mean"] == pytest.approx(np.mean([f["test_auc"] for f in res["folds"]]))
     assert {a["test_auc"] for a in res["anchors"]} == {0.936, 0.931, 0.946}
-    assert res["encoder"]["name"] == "default" and res["protocol"]["tile_px"] == 224
+    assert res["encoder"]["name"] == "lymphnode-lite0" and res["protocol"]["tile_px"] == 96  # the default encoder's own
     assert res["slides"]["counts"] == {"train": {"normal": N_NORMAL, "tumor": N_TUMOR}, "test": {"normal": 2, "tumor": 2}}
     assert res["tiles_per_slide"]["embedded"]["max"] <= BUDGET
 
     table = first_run["out"]
     for text in ("0.936", "0.931", "0.946", "CLAM", "TransMIL", "DTFD", "ensemble", "mean ± sd", "fold0", "fold1"):
         assert text in table, text
-    assert res["date"][:10] in table and "default" in table
+    assert res["date"][:10] in table and "lymphnode-lite0" in table
 
 
 def test_the_fold_partition_is_stratified_and_the_test_set_is_the_official_one(first_run):
@@ -280,8 +280,8 @@ def test_resuming_with_another_encoder_or_tiling_is_refused(first_run, script):
 
     store = first_run["work"] / "features" / "tumor_001.zarr"
     info = dict(open_store(store).attrs)["encoder"]
-    assert script._check_existing(store, info, 0.5, 224) <= BUDGET
-    with pytest.raises(ConfigError, match="encoder 'default'.*instead of 'uni'"):
-        script._check_existing(store, {**info, "spec": {**info["spec"], "name": "uni"}}, 0.5, 224)
-    with pytest.raises(ConfigError, match="224 px at 0.5 µm/px instead of 256 px"):
-        script._check_existing(store, info, 0.5, 256)
+    assert script._check_existing(store, info, 0.972, 96) <= BUDGET
+    with pytest.raises(ConfigError, match="encoder 'lymphnode-lite0'.*instead of 'uni'"):
+        script._check_existing(store, {**info, "spec": {**info["spec"], "name": "uni"}}, 0.972, 96)
+    with pytest.raises(ConfigError, match="96 px at 0.972 µm/px instead of 256 px"):
+        script._check_existing(store, info, 0.972, 256)

@@ -58,19 +58,21 @@ def test_export_encoder_then_embed_with_it(cmu_small, tmp_path, capsys):
 
     from wsiengine import Encoder
 
-    out = tmp_path / "default.onnx"
-    assert main(["export-encoder", "default", "-o", str(out)]) == 0
+    out = tmp_path / "imagenet.onnx"
+    assert main(["export-encoder", "imagenet-lite0", "-o", str(out)]) == 0
     assert "min cosine 1.0" in capsys.readouterr().out
-    assert (tmp_path / "default.onnx.json").is_file()
-    exported, shipped = Encoder.load(out), Encoder.load("default")
+    assert (tmp_path / "imagenet.onnx.json").is_file()
+    exported, shipped = Encoder.load(out), Encoder.load("imagenet-lite0")
     patches = np.random.default_rng(0).integers(0, 256, (3, 224, 224, 3), dtype=np.uint8)
     np.testing.assert_allclose(exported.embed(patches), shipped.embed(patches), atol=1e-4)
     store = tmp_path / "cmu.zarr"
-    assert main(["embed", str(cmu_small), "-o", str(store), "--encoder", str(out), "--providers", "cpu"]) == 0
-    assert "1280-d default on CPUExecutionProvider" in capsys.readouterr().out
+    assert main(["embed", str(cmu_small), "-o", str(store), "--encoder", str(out), "--providers", "cpu", "--mil", "none"]) == 0
+    assert "1280-d imagenet-lite0, fp32, on CPUExecutionProvider" in capsys.readouterr().out
 
 
 def test_export_encoder_without_weights_is_refused_for_gated_models(tmp_path, capsys):
     pytest.importorskip("torch")
     assert main(["export-encoder", "uni", "-o", str(tmp_path / "uni.onnx")]) == 2
     assert "ships no weights" in capsys.readouterr().err
+    assert main(["export-encoder", "default", "-o", str(tmp_path / "d.onnx")]) == 2
+    assert "lymphnode-lite0 ships as ONNX only" in capsys.readouterr().err

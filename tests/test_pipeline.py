@@ -61,7 +61,7 @@ def test_real_slide_end_to_end_and_store_reopens(cmu_result, pipeline):
     with we.open_slide(store.slide["path"]) as slide:  # the grid the pipeline plans is the one it ran
         assert len(pipeline.plan(slide)[1]) == n
     assert store.config["tiling"]["target_mpp"] == pipeline.mil.target_mpp and "stream" in store.config
-    assert store.encoder["spec"]["name"] == "default" and len(store.encoder["sha256"]) == 64
+    assert store.encoder["spec"]["name"] == "lymphnode-lite0" and len(store.encoder["sha256"]) == 64
     assert store.mil["name"] == "default" and store.mil["sha256"] == pipeline.mil.config["sha256"]
     assert store.prediction["probability"] == pytest.approx(res.probability)
     assert store.prediction["label_name"] in ("normal", "metastasis")

