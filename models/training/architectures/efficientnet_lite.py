@@ -251,14 +251,20 @@ class LymphNodeLite0(nn.Module):
     """EfficientNet-Lite0 trunk plus a tumour classifier: the ``lymphnode-lite0`` encoder.
 
     ``forward(x)`` returns ``(embeddings (B, 1280), tumour_probability (B,))`` of normalised
-    ``(B, 3, H, W)`` images (the exported ONNX graph's two outputs); :meth:`logits` returns the
-    classifier's logit ``(B,)`` for training. Dropout acts before the classifier in train mode only.
+    ``(B, 3, H, W)`` images (the exported ONNX graph's two outputs); with ``views=4`` the
+    embedding is the mean over the four 90° rotations of each image (so it does not depend on
+    how the slide lay on the scanner) and the probability is the classifier's on that mean.
+    :meth:`logits` returns the single-view classifier logit ``(B,)`` for training. Dropout acts
+    before the classifier in train mode only.
     """
 
     embed_dim = _HEAD_CHANNELS
 
-    def __init__(self, backbone: EfficientNetLite0, dropout: float = 0.2) -> None:
+    def __init__(self, backbone: EfficientNetLite0, dropout: float = 0.2, views: int = 1) -> None:
         super().__init__()
+        if views not in (1, 4):
+            raise ValueError(f"views is 1 or 4 (the 90-degree rotations), got {views}")
+        self.views = views
         self.backbone = backbone
         self.dropout = nn.Dropout(dropout)
         self.classifier = nn.Linear(_HEAD_CHANNELS, 1)
@@ -269,6 +275,14 @@ class LymphNodeLite0(nn.Module):
     def logits(self, x: torch.Tensor) -> torch.Tensor:
         return self.classifier(self.dropout(self.backbone(x))).squeeze(-1)
 
+    def embed(self, x: torch.Tensor) -> torch.Tensor:
+        """The ``(B, 1280)`` embedding: one view, or the mean over the four 90° rotations."""
+        if self.views == 1:
+            return self.backbone(x)
+        b = x.shape[0]
+        rotated = torch.cat([x, x.transpose(2, 3).flip(3), x.flip(2).flip(3), x.transpose(2, 3).flip(2)])
+        return self.backbone(rotated).reshape(4, b, -1).mean(0)
+
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        embeddings = self.backbone(x)
+        embeddings = self.embed(x)
         return embeddings, torch.sigmoid(self.classifier(embeddings).squeeze(-1))
