@@ -24,7 +24,7 @@ def test_default_head_is_shipped_and_loads_without_torch():
     out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr
     in_dim, encoder, threshold = out.stdout.split()
-    assert int(in_dim) == Encoder.load("default").embed_dim == 1280 and encoder == "default"
+    assert int(in_dim) == Encoder.load("default").embed_dim == 1280 and encoder == "lymphnode-lite0"
     assert 0.0 < float(threshold) < 1.0
     root = default_head_path()
     assert (root / "model.onnx").stat().st_size < 8 << 20  # small
