@@ -103,8 +103,8 @@ def main(argv: list[str] | None = None) -> int:
         lo, hi = bootstrap_auc_ci(ys, probs)
         rows.append((name, m, lo, hi, int(np.sum(hits)), len(hits), float(np.mean(chance))))
 
-    print(f"\nPCam-mosaic MIL benchmark, {dt.date.today().isoformat()}, encoder default (EfficientNet-Lite0, "
-          f"{encoder.providers[0]}), {platform.machine()} {platform.system()}")
+    print(f"\nPCam-mosaic MIL benchmark, {dt.date.today().isoformat()}, encoder default ({encoder.spec.name}, "
+          f"{encoder.precision}, {encoder.providers[0]}), {platform.machine()} {platform.system()}")
     print(f"slides train/valid/test {args.train}/{args.valid}/{args.test} (half positive); tiles "
           f"{n_tiles['train']:,}/{n_tiles['valid']:,}/{n_tiles['test']:,}; pipeline (or reuse of --work) {pipeline_s:.0f} s, "
           f"train-mil {train_s:.0f} s\n")
