@@ -240,3 +240,22 @@ def test_the_same_seed_gives_the_same_weights(trainer):
     b, _, _ = trainer.train(config, images, labels, images, labels, log=lambda m: None)
     for (ka, va), (kb, vb) in zip(a.state_dict().items(), b.state_dict().items()):
         assert ka == kb and torch.equal(va, vb), ka
+
+
+def test_run_with_precision_int8_records_it_and_resumes_only_at_that_precision(cmu_small, tmp_path, capsys):
+    from wsiengine.cli import main
+    from wsiengine.store import open_result
+
+    slides = tmp_path / "slides"
+    slides.mkdir()
+    (slides / cmu_small.name).symlink_to(cmu_small)
+    out = tmp_path / "out"
+    assert main(["-q", "run", str(slides), "-o", str(out), "--precision", "int8", "--providers", "cpu", "--no-report"]) == 0
+    store = open_result(next(out.glob("*.zarr")))
+    assert store.encoder["precision"] == "int8" and store.encoder["file"].endswith("lymphnode_lite0.int8.onnx")
+    assert store.encoder["spec"]["name"] == "lymphnode-lite0"
+    int8_key = store.attrs["config_key"]
+    assert store.config["encoder"]["precision"] == "int8"
+    assert main(["-q", "run", str(slides), "-o", str(out), "--precision", "fp32", "--providers", "cpu", "--no-report"]) == 0
+    again = open_result(next(out.glob("*.zarr")))
+    assert again.encoder["precision"] == "fp32" and again.attrs["config_key"] != int8_key  # recomputed, not resumed
