@@ -339,7 +339,43 @@ def _cmd_run(args: argparse.Namespace) -> int:
     c = summary.counts
     print(f"{len(summary.rows)} slides: {c['done']} done, {c['skipped']} up to date, {c['failed']} failed "
           f"in {summary.seconds:.1f} s ({summary.workers} worker{'s' if summary.workers > 1 else ''}) -> {summary.path}")
-    return 1 if c["failed"] else 0
+    status = 1 if c["failed"] else 0
+    if args.patients:
+        status = max(status, _stage(args.output, args.patients, None, None, quiet=args.quiet))
+    return status
+
+
+def _stage(results: str, patients_csv: str, output: str | None, reports: str | None, *, quiet: bool = False) -> int:
+    """Stage every patient of ``patients_csv`` from the node reports in ``results``; write
+    STAGES.csv and the patient reports; 1 when a patient is incomplete, else 0."""
+    from .errors import ConfigError
+    from .staging import INCOMPLETE, read_patients, stage_patients, write_patient_reports, write_stages
+
+    if "://" in str(results):
+        raise ConfigError(f"staging reads node reports from a local results folder, not {results!r}; "
+                          "copy the SLIDE_ID.report.json files to a local folder and run wsiengine stage there")
+    results_dir = Path(results).expanduser()
+    stages = stage_patients(read_patients(patients_csv), results_dir)
+    out = Path(output).expanduser() if output else results_dir / "stages.csv"
+    folder = Path(reports).expanduser() if reports else results_dir / "patients"
+    with _output_lock(folder, "stage"):
+        write_patient_reports(stages, folder)
+        write_stages(stages, out)
+    if not quiet:
+        width = max(len(s.patient_id) for s in stages)
+        for s in stages:
+            note = f"missing {', '.join(s.missing)}" if s.missing else (
+                f"review {', '.join(s.uncertain)}" if s.uncertain else "")
+            print(f"{s.patient_id:<{width}}  {s.pn_stage:<10}  {s.n_nodes} nodes: {s.n_macro} macro, {s.n_micro} micro, "
+                  f"{s.n_itc} ITC  {note}".rstrip())
+    incomplete = sum(s.pn_stage == INCOMPLETE for s in stages)
+    print(f"{len(stages)} patients staged -> {out} (patient reports in {folder})"
+          + (f"; {incomplete} incomplete" if incomplete else ""), file=sys.stderr)
+    return 1 if incomplete else 0
+
+
+def _cmd_stage(args: argparse.Namespace) -> int:
+    return _stage(args.results, args.patients, args.output, args.reports, quiet=args.quiet)
 
 
 def _cmd_doctor(args: argparse.Namespace) -> int:
@@ -460,7 +496,16 @@ def build_parser() -> argparse.ArgumentParser:
                          "resumable", _cmd_run, sections=list(RunConfig.SECTIONS))
     run.add_argument("slides", help="folder of slides (searched recursively) or one slide")
     run.add_argument("-o", "--output", required=True, help="results folder or fsspec URL (summary.csv, SLIDE_ID.*)")
+    run.add_argument("--patients", help="PATIENTS.csv (patient_id,slide_id): stage each patient at the end "
+                                        "(OUT/stages.csv, OUT/patients/)")
     settings(run)
+
+    stage = command("stage", "patient pN stages (CAMELYON17 rules) from the node reports of a results folder",
+                    _cmd_stage)
+    stage.add_argument("results", help="results folder of `wsiengine run` (SLIDE_ID.report.json per node)")
+    stage.add_argument("--patients", required=True, help="PATIENTS.csv with the columns patient_id,slide_id")
+    stage.add_argument("-o", "--output", help="STAGES.csv to write (default: RESULTS/stages.csv)")
+    stage.add_argument("--reports", help="folder for PATIENT_ID.patient.md/.json (default: RESULTS/patients)")
 
     report = command("report", "a slide report (Markdown + JSON + images) from result stores; optional VLM",
                      _cmd_report, sections=["report", "vlm"], names=["tile_threshold"])

@@ -1,4 +1,7 @@
-"""Lesion-level evaluation: FROC as in the CAMELYON16 challenge.
+"""Evaluation: lesion-level FROC as in CAMELYON16; node and patient agreement as in CAMELYON17.
+
+>>> confusion_matrix(truth, called, labels=NODE_LABELS)       # rows: truth, columns: called
+>>> quadratic_weighted_kappa(truth, called, labels=PN_LABELS)  # CAMELYON17's patient score
 
 >>> from wsiengine.evaluate import froc, detections_from_tiles
 >>> from wsiengine.geojson import read_camelyon_annotations
@@ -47,7 +50,46 @@ from .errors import InputError
 from .geojson import make_valid_geometry, max_diameter
 from .tiling import TileGrid
 
-__all__ = ["FROCResult", "LesionSet", "FROC_FP_RATES", "froc", "lesion_set", "detections_from_tiles"]
+__all__ = ["FROCResult", "LesionSet", "FROC_FP_RATES", "froc", "lesion_set", "detections_from_tiles",
+           "confusion_matrix", "quadratic_weighted_kappa", "NODE_LABELS", "PN_LABELS"]
+
+#: Node categories in order of severity (CAMELYON17's node labels).
+NODE_LABELS: tuple[str, ...] = ("negative", "itc", "micrometastasis", "macrometastasis")
+#: Patient pN stages in order (CAMELYON17's patient labels; pN3 is beyond its five nodes).
+PN_LABELS: tuple[str, ...] = ("pN0", "pN0(i+)", "pN1mi", "pN1", "pN2")
+
+
+def confusion_matrix(truth: Sequence[str], called: Sequence[str], labels: Sequence[str]) -> np.ndarray:
+    """``(K, K)`` int64 counts: row = the true label, column = the called one, in ``labels`` order.
+    InputError for a label outside ``labels`` or sequences of different lengths."""
+    if len(truth) != len(called):
+        raise InputError(f"{len(truth)} true labels but {len(called)} calls")
+    index = {label: i for i, label in enumerate(labels)}
+    unknown = sorted({str(v) for v in (*truth, *called)} - set(index))
+    if unknown:
+        raise InputError(f"labels {unknown} are not among {list(labels)}")
+    matrix = np.zeros((len(labels), len(labels)), dtype=np.int64)
+    for t, c in zip(truth, called):
+        matrix[index[t], index[c]] += 1
+    return matrix
+
+
+def quadratic_weighted_kappa(truth: Sequence[str], called: Sequence[str], labels: Sequence[str]) -> float:
+    """Cohen's kappa with quadratic weights ``(i - j)^2 / (K - 1)^2`` over the ordered ``labels``
+    (CAMELYON17's score): 1 for perfect agreement, 0 for chance. When both raters give one and
+    the same label throughout (no expected disagreement) it is 1.0."""
+    observed = confusion_matrix(truth, called, labels).astype(np.float64)
+    k = len(labels)
+    if observed.sum() == 0:
+        raise InputError("kappa needs at least one pair of labels")
+    i, j = np.indices((k, k))
+    weights = (i - j) ** 2 / max(k - 1, 1) ** 2
+    expected = np.outer(observed.sum(1), observed.sum(0)) / observed.sum()
+    disagreement_expected = float((weights * expected).sum())
+    disagreement_observed = float((weights * observed).sum())
+    if disagreement_expected == 0:
+        return 1.0 if disagreement_observed == 0 else 0.0
+    return 1.0 - disagreement_observed / disagreement_expected
 
 #: Average false positives per slide at which the CAMELYON16 FROC score samples sensitivity.
 FROC_FP_RATES: tuple[float, ...] = (0.25, 0.5, 1.0, 2.0, 4.0, 8.0)
