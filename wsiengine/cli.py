@@ -370,7 +370,9 @@ def _stage(results: str, patients_csv: str, output: str | None, reports: str | N
                   f"{s.n_itc} ITC  {note}".rstrip())
     incomplete = sum(s.pn_stage == INCOMPLETE for s in stages)
     print(f"{len(stages)} patients staged -> {out} (patient reports in {folder})"
-          + (f"; {incomplete} incomplete" if incomplete else ""), file=sys.stderr)
+          + (f"; {incomplete} incomplete: a node is missing when RESULTS/SLIDE_ID.report.json is absent (the slide "
+             "failed or was not run, or reports were off: `wsiengine report RESULTS/SLIDE_ID.zarr` makes one)"
+             if incomplete else ""), file=sys.stderr)
     return 1 if incomplete else 0
 
 
