@@ -288,10 +288,8 @@ def _exact_scan(data, start, lookahead, maxcode, valoffset, values, fast, dc_slo
     fast_mask = (1 << FAST_BITS) - 1
     for mcu in range(n_mcus):
         if restart_interval > 0 and mcu > 0 and mcu % restart_interval == 0:
-            left = (nbits - pad) // 8  # whole unread bytes: libjpeg discards them and counts them
-            while marker == 0:
-                pos, buf, nbits, pad, marker, marker_pos = _fill(data, pos, end, buf, np.int64(0), pad, marker, marker_pos)
-                left += (nbits - pad) // 8
+            more, marker, marker_pos = _bytes_to_marker(data, pos, end, marker, marker_pos)
+            left = (nbits - pad) // 8 + more  # whole unread bytes: libjpeg discards them and counts them
             if left > 0:
                 return EXTRANEOUS_BYTES, marker_pos, left
             if marker != 0xD0 + next_rst:
@@ -409,10 +407,8 @@ def _exact_scan(data, start, lookahead, maxcode, valoffset, values, fast, dc_slo
                         break
                 else:  # EOB
                     break
-    left = (nbits - pad) // 8
-    while marker == 0:
-        pos, buf, nbits, pad, marker, marker_pos = _fill(data, pos, end, buf, np.int64(0), pad, marker, marker_pos)
-        left += (nbits - pad) // 8
+    more, marker, marker_pos = _bytes_to_marker(data, pos, end, marker, marker_pos)
+    left = (nbits - pad) // 8 + more
     if left > 0:
         return EXTRANEOUS_BYTES, marker_pos, left
     if marker != 0xD9:

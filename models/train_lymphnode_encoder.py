@@ -51,6 +51,8 @@ from typing import Sequence
 
 import numpy as np
 
+from .training.pcam import pcam_split  # numpy and PIL only
+
 ROOT = Path(__file__).resolve().parent
 WEIGHTS = ROOT / "weights"
 CARD = ROOT / "cards" / "lymphnode-lite0.md"
@@ -88,26 +90,6 @@ class EncoderTrainConfig:
     #: PCam valid: classifier AUC 0.9497 with 1 view, 0.9575 with 4, 0.9581 with all 8 flips and
     #: rotations at twice the cost of 4; run of 2026-12-07).
     views: int = 4
-
-
-# -- data ---------------------------------------------------------------------------------------
-def pcam_split(pcam: Path, split: str, limit: int | None = None) -> tuple[np.ndarray, np.ndarray]:
-    """``(images (N, 96, 96, 3) uint8, labels (N,) int64)`` of one PCam split, files sorted by
-    label then name; ``limit`` keeps the first ``limit // 2`` of each label."""
-    from PIL import Image
-
-    images, labels = [], []
-    for label in (0, 1):
-        paths = sorted((pcam / split / str(label)).glob("*.jpg"))
-        if not paths:
-            raise SystemExit(f"no PCam {split} patches under {pcam / split / str(label)}")
-        if limit:
-            paths = paths[: limit // 2]
-        for path in paths:
-            with Image.open(path) as im:
-                images.append(np.asarray(im.convert("RGB")))
-        labels += [label] * len(paths)
-    return np.stack(images), np.asarray(labels, np.int64)
 
 
 # -- augmentation -------------------------------------------------------------------------------
@@ -201,9 +183,11 @@ def build_model(config: EncoderTrainConfig, weights: str | Path | bool = True):
     return LymphNodeLite0(backbone, dropout=config.dropout)
 
 
-def normalise_batch(x, mean=(127 / 255,) * 3, std=(128 / 255,) * 3):
-    """``(B, 3, H, W)`` in [0, 1] -> the network's input ``(x - mean) / std``."""
+def normalise_batch(x):
+    """``(B, 3, H, W)`` in [0, 1] -> the network's input ``(x - mean) / std`` (TF Lite's, as the spec says)."""
     import torch
+
+    from .training.architectures.efficientnet_lite import LITE_MEAN as mean, LITE_STD as std
 
     m = torch.tensor(mean, dtype=x.dtype).view(1, 3, 1, 1)
     s = torch.tensor(std, dtype=x.dtype).view(1, 3, 1, 1)
@@ -227,9 +211,10 @@ def predict(model, images: np.ndarray, batch: int = 256) -> tuple[np.ndarray, np
 
 
 def roc_auc(y: np.ndarray, score: np.ndarray) -> float:
-    from .training.mil_metrics import roc_auc as _auc
+    """Rank AUC (:func:`wsiengine.models.training.mil_metrics.roc_auc`)."""
+    from .training.mil_metrics import roc_auc as rank_auc
 
-    return float(_auc(y, score))
+    return float(rank_auc(y, score))
 
 
 @dataclass
@@ -244,7 +229,6 @@ def train(config: EncoderTrainConfig, x_train: np.ndarray, y_train: np.ndarray, 
           y_valid: np.ndarray, *, weights: str | Path | bool = True, log=print):
     """Fine-tune; returns ``(best model, best epoch, records)`` (best by PCam valid AUC)."""
     import torch
-    import torch.nn.functional as F
 
     threads_before = torch.get_num_threads()
     torch.set_num_threads(config.threads)
@@ -342,10 +326,10 @@ def export_onnx(model, path: Path) -> bytes:
 
 
 def _write_atomic(path: Path, data: bytes) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + f".{os.getpid()}.tmp")
-    tmp.write_bytes(data)
-    tmp.replace(path)
+    from ..atomic import atomic_write
+
+    with atomic_write(path) as fh:
+        fh.write(data)
 
 
 def quantize_int8(fp32: Path, out: Path, calibration: np.ndarray, *, batch: int = 32) -> None:
@@ -418,8 +402,10 @@ def onnx_outputs(path: Path, images: np.ndarray, threads: int = 2, batch: int = 
 
 
 def min_cosine(a: np.ndarray, b: np.ndarray) -> float:
-    a, b = a.astype(np.float64), b.astype(np.float64)
-    return float(((a * b).sum(1) / (np.linalg.norm(a, axis=1) * np.linalg.norm(b, axis=1) + 1e-12)).min())
+    """Smallest row cosine similarity of two ``(N, D)`` arrays (:func:`make_default_onnx.agreement`)."""
+    from .training.make_default_onnx import agreement
+
+    return agreement(a, b)[1]
 
 
 # -- card ---------------------------------------------------------------------------------------

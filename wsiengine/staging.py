@@ -246,17 +246,12 @@ def write_stages(stages: Sequence[PatientStage], path: str | os.PathLike[str]) -
     buffer = io.StringIO()
     writer = csv.DictWriter(buffer, fieldnames=STAGE_COLUMNS, lineterminator="\n")
     writer.writeheader()
-    for stage in stages:
-        writer.writerow({k: _csv_cell(v) for k, v in stage.to_row().items()})
+    for stage in stages:  # no cell needs formula escaping: ids start with a letter or digit (read_patients)
+        writer.writerow(stage.to_row())
     path = Path(path)
     with atomic_write(path) as fh:
         fh.write(buffer.getvalue().encode("utf-8"))
     return path
-
-
-def _csv_cell(value: Any) -> Any:
-    """Cells a spreadsheet would run as formulas get a leading apostrophe."""
-    return "'" + value if isinstance(value, str) and value[:1] in ("=", "+", "-", "@") else value
 
 
 def write_patient_reports(stages: Sequence[PatientStage], folder: str | os.PathLike[str]) -> list[Path]:

@@ -65,6 +65,7 @@ from .mil_data import FeatureBags, Split
 from .mil_export import save_mil_head
 from .mil_metrics import binary_metrics, bootstrap_auc_ci, roc_auc, select_threshold
 from .mil_train import fit_reference, predict_bags, train_mil
+from .pcam import pcam_split
 
 __all__ = ["SPLITS", "HEAD_CONFIG", "prepare_split", "embed_slides", "tile_dataset", "fit_tile_classifier",
            "top_attention_in_lesion", "write_reference", "main"]
@@ -233,18 +234,8 @@ def reference_figures(reference: EmbeddingReference, path: Path, encoder: Encode
 
 
 def _pcam_test_patches(pcam: Path, encoder: Encoder, batch: int = 128) -> tuple[np.ndarray, np.ndarray]:
-    from PIL import Image
-
-    paths = sorted((pcam / "test" / "0").glob("*.jpg")) + sorted((pcam / "test" / "1").glob("*.jpg"))
-    labels = np.array([int(p.parent.name) for p in paths])
-    feats = []
-    for i in range(0, len(paths), batch):
-        images = []
-        for p in paths[i:i + batch]:
-            with Image.open(p) as im:
-                images.append(np.asarray(im.convert("RGB")))
-        feats.append(encoder.embed(np.stack(images)))
-    return np.concatenate(feats), labels
+    images, labels = pcam_split(pcam, "test")
+    return np.concatenate([encoder.embed(images[i:i + batch]) for i in range(0, len(images), batch)]), labels
 
 
 def _reference_line(r: dict | None) -> str:
