@@ -238,7 +238,7 @@ class Encoder:
         """
         if precision not in PRECISIONS:
             raise ConfigError(f"precision must be one of {', '.join(PRECISIONS)}, got {precision!r}")
-        spec_obj, path = cls._locate(model, weights, spec, precision)
+        spec_obj, path = cls.locate(model, weights, spec, precision)
         import onnxruntime as ort
 
         chosen = resolve_providers(providers, ort.get_available_providers(), allow_fallback=allow_fallback)
@@ -311,10 +311,6 @@ class Encoder:
                spec: EncoderSpec | str | None = None, precision: str = "auto") -> tuple[EncoderSpec, Path]:
         """The spec and ONNX file :meth:`load` would open (the int8 copy for ``precision="int8"``),
         without starting a session."""
-        return cls._locate(model, weights, spec, precision)
-
-    @classmethod
-    def _locate(cls, model, weights, spec, precision: str = "auto") -> tuple[EncoderSpec, Path]:
         spec_obj, path = cls._locate_fp32(model, weights, spec)
         if precision == "int8":
             path = int8_path(spec_obj, path)
