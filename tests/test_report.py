@@ -109,14 +109,16 @@ def test_findings_measure_the_largest_deposit_and_count_foci(tmp_path):
     # Two deposits: 3 x 4 tiles (0.3 x 0.4 mm, diagonal 0.5 mm) and one tile (diagonal 0.141 mm).
     path = _store(tmp_path, _scores_with_blocks([(2, 2, 3, 4), (12, 12, 1, 1)]), 0.93)
     f = build_findings(open_result(path), config=ReportConfig(top_k=4))
-    assert f["metastasis"] == {"call": "yes", "probability": 0.93, "threshold": 0.5, "indeterminate_margin": 0.05}
+    assert f["metastasis"] == {"call": "yes", "probability": 0.93, "threshold": 0.5, "indeterminate_margin": 0.05,
+                               "head_call": "yes"}
     dep = f["deposits"]
     assert dep["foci"] == 2 and dep["tiles_above_threshold"] == 13
     assert dep["largest_mm"] == pytest.approx(0.5, abs=1e-3)
     assert [r["tiles"] for r in dep["regions"]] == [12, 1]
     assert dep["regions"][1]["max_diameter_mm"] == pytest.approx(math.hypot(0.1, 0.1), abs=1e-3)
     assert dep["total_area_mm2"] == pytest.approx(0.12 + 0.01, abs=1e-4)
-    assert dep["tile_size_mm"] == pytest.approx(0.1)
+    assert dep["tile_size_mm"] == pytest.approx(0.1) and dep["size_uncertainty_mm"] == pytest.approx(0.1)
+    assert [r["size_uncertainty_mm"] for r in dep["regions"]] == [pytest.approx(0.1)] * 2
     assert f["category"]["code"] == "micrometastasis" and not f["category"]["low_confidence"]
     assert f["extranodal_extension"] == "not assessed"
     # Evidence: the 4 highest-attention tiles are deposit tiles, with level-0 coordinates.
@@ -144,12 +146,16 @@ def test_findings_category_from_real_geometry(tmp_path, block, code):
     assert f["category"]["low_confidence"] is expected_low
 
 
-def test_negative_call_is_authoritative_and_flags_discordant_tiles(tmp_path):
-    path = _store(tmp_path, _scores_with_blocks([(4, 4, 2, 2)]), 0.10)
+def test_a_deposit_decides_the_category_against_a_negative_slide_call(tmp_path):
+    path = _store(tmp_path, _scores_with_blocks([(4, 4, 5, 5)]), 0.10)
     f = build_findings(open_result(path))
-    assert f["metastasis"]["call"] == "no" and f["category"]["code"] == "negative"
-    assert f["deposits"]["foci"] == 1  # measured, but the slide call decides
-    assert "discordant_tiles" in [q["code"] for q in f["qc"]["flags"]]
+    assert f["metastasis"]["head_call"] == "no" and f["metastasis"]["call"] == "yes"
+    assert f["category"]["code"] == "micrometastasis" and f["deposits"]["foci"] == 1
+    assert "discordant_call" in [q["code"] for q in f["qc"]["flags"]]
+    # a slide with no deposit keeps the head's negative call
+    clean = build_findings(open_result(_store(tmp_path, _scores_with_blocks([]), 0.10, name="clean")))
+    assert clean["metastasis"]["call"] == "no" and clean["category"]["code"] == "negative"
+    assert "discordant_call" not in [q["code"] for q in clean["qc"]["flags"]]
 
 
 def test_positive_call_without_a_measurable_deposit_is_indeterminate_in_size(tmp_path):
@@ -157,14 +163,17 @@ def test_positive_call_without_a_measurable_deposit_is_indeterminate_in_size(tmp
     f = build_findings(open_result(path))
     assert f["metastasis"]["call"] == "yes"
     assert f["category"]["code"] == "indeterminate" and f["deposits"]["largest_mm"] is None
-    assert "no tile scores" in f["category"]["note"]
+    assert "no deposit" in f["category"]["note"]
 
 
-def test_probability_near_threshold_is_indeterminate(tmp_path):
-    path = _store(tmp_path, _scores_with_blocks([(1, 1, 3, 3)]), 0.53)
+def test_probability_near_threshold_is_indeterminate_unless_a_deposit_is_measured(tmp_path):
+    path = _store(tmp_path, _scores_with_blocks([]), 0.53)
     f = build_findings(open_result(path))
     assert f["metastasis"]["call"] == "indeterminate" and f["category"]["code"] == "indeterminate"
     assert build_findings(open_result(path), config=ReportConfig(indeterminate_margin=0.0))["metastasis"]["call"] == "yes"
+    with_deposit = build_findings(open_result(_store(tmp_path, _scores_with_blocks([(1, 1, 3, 3)]), 0.53, name="d")))
+    assert with_deposit["metastasis"]["head_call"] == "indeterminate" and with_deposit["metastasis"]["call"] == "yes"
+    assert with_deposit["category"]["code"] == "micrometastasis"
 
 
 def test_qc_flags_few_tiles_low_tissue_user_mpp_and_missing_prediction(tmp_path):

@@ -37,7 +37,7 @@ import logging
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import numpy as np
 
@@ -46,7 +46,7 @@ from .errors import ConfigError, ModelError
 from .hashing import sha256_file
 from .ood import EmbeddingReference
 
-__all__ = ["SlidePrediction", "MILHead", "HEAD_FORMAT", "HEAD_FORMAT_VERSION", "MODEL_NAME", "CONFIG_NAME",
+__all__ = ["SlidePrediction", "MILHead", "TileCalibration", "HEAD_FORMAT", "HEAD_FORMAT_VERSION", "MODEL_NAME", "CONFIG_NAME",
            "REFERENCE_NAME", "DEFAULT_HEAD", "default_head_path", "read_head_config", "head_file", "head_tiling",
            "tiling_differences"]
 
@@ -182,7 +182,8 @@ class SlidePrediction:
     attention : np.ndarray
         ``(N,)`` float32 attention over the slide's tiles, summing to 1.
     tile_scores : np.ndarray
-        ``(N,)`` float32 per-tile positive (tumour) score in [0, 1].
+        ``(N,)`` float32 per-tile positive (tumour) score in [0, 1]; a calibrated probability
+        when the head carries a :class:`TileCalibration`.
     """
 
     probability: float
@@ -195,6 +196,48 @@ class SlidePrediction:
     def n_tiles(self) -> int:
         """N, the number of tiles."""
         return int(self.attention.shape[0])
+
+
+@dataclass(frozen=True)
+class TileCalibration:
+    """Platt scaling of a head's tile scores into calibrated tumour probabilities:
+    ``sigmoid(slope * logit(score) + intercept)``, fitted on validation tiles (``config.json``
+    ``"tile_calibration": {"method": "platt", "slope": a, "intercept": b}``). Monotone, so it
+    never reorders tiles."""
+
+    slope: float
+    intercept: float
+
+    #: Scores are clipped to [eps, 1 - eps] before the logit, float32-safe.
+    EPS: ClassVar[float] = 1e-6
+
+    @classmethod
+    def parse(cls, value: Any, where: str = "config.json 'tile_calibration'") -> "TileCalibration | None":
+        """From a head's JSON (None when absent); a malformed entry is a :class:`ModelError`."""
+        if value is None:
+            return None
+        if not isinstance(value, dict) or value.get("method") != "platt":
+            raise ModelError(f"{where} must be {{'method': 'platt', 'slope': a, 'intercept': b}}, got {str(value)[:80]!r}")
+        try:
+            slope, intercept = float(value["slope"]), float(value["intercept"])
+        except (KeyError, TypeError, ValueError) as exc:
+            raise ModelError(f"{where} needs numeric 'slope' and 'intercept': {exc}") from exc
+        if not (np.isfinite(slope) and np.isfinite(intercept)) or not 0 < slope <= 100 or abs(intercept) > 100:
+            raise ModelError(f"{where}: slope must lie in (0, 100] and |intercept| <= 100, got {slope!r}, {intercept!r}")
+        return cls(slope, intercept)
+
+    def apply(self, scores: np.ndarray) -> np.ndarray:
+        """Calibrated probabilities of ``scores`` (float32, same shape)."""
+        s = np.clip(np.asarray(scores, np.float64), self.EPS, 1 - self.EPS)
+        z = self.slope * np.log(s / (1 - s)) + self.intercept
+        return (0.5 * (1.0 + np.tanh(z / 2))).astype(np.float32)  # the logistic, without overflow
+
+    def describe(self) -> str:
+        """A short stable text (the run configuration's ``mil.tile_calibration``)."""
+        return f"platt:{self.slope:.6g}:{self.intercept:.6g}"
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"method": "platt", "slope": self.slope, "intercept": self.intercept}
 
 
 class MILHead:
@@ -245,6 +288,7 @@ class MILHead:
         self.class_names = list(config.get("class_names") or ["negative", "positive"])
         self.target_mpp = float(config["target_mpp"]) if config.get("target_mpp") else None
         self.tile_px = int(config["tile_px"]) if config.get("tile_px") else None
+        self.tile_calibration = TileCalibration.parse(config.get("tile_calibration"))
         self._reference: EmbeddingReference | None = None
         self._reference_read = False
 
@@ -416,5 +460,7 @@ class MILHead:
         probability = float(prob[0])
         if not np.isfinite(probability) or not np.isfinite(attention).all():
             raise ModelError(f"the MIL head '{self.path}' produced non-finite outputs for finite features")
+        if self.tile_calibration is not None:
+            tiles = self.tile_calibration.apply(tiles)
         return SlidePrediction(probability=probability, label=int(probability >= self.threshold),
                                threshold=self.threshold, attention=attention, tile_scores=tiles)

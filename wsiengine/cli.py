@@ -190,8 +190,9 @@ def _cmd_predict(args: argparse.Namespace) -> int:
 
 
 def _cmd_geojson(args: argparse.Namespace) -> int:
+    from .deposits import find_deposits
     from .geojson import export_slide_geojson
-    from .report.findings import recorded_tile_threshold
+    from .report.findings import recorded_rules
     from .store import open_result
 
     store = open_result(args.store)
@@ -201,11 +202,14 @@ def _cmd_geojson(args: argparse.Namespace) -> int:
     mpp = tuple(store.slide.get("mpp") or store.grid.get("slide_mpp"))
     # the run's own threshold unless this command (or its file or environment) sets one
     config = load_config(args)
-    threshold = (config.mil.tile_threshold if config.source("mil.tile_threshold") != DEFAULT_SOURCE
-                 else recorded_tile_threshold(store))
-    path = export_slide_geojson(args.output, tissue=store.tissue_polygons(), grid=store.tile_grid(), scores=scores,
-                                threshold=threshold, mpp=mpp, tiles=args.tiles, attention=store.attention,
-                                slide_id=store.attrs.get("slide_id") or store.path.stem, gzip=args.gzip or None)
+    given = config.source("mil.tile_threshold") != DEFAULT_SOURCE
+    rules = recorded_rules(store, tile_threshold=config.mil.tile_threshold if given else None)
+    grid = store.tile_grid()
+    deposits = find_deposits(grid, scores, mpp, rules).deposits if scores is not None else None
+    path = export_slide_geojson(args.output, tissue=store.tissue_polygons(), grid=grid, scores=scores,
+                                threshold=rules.grow_threshold, mpp=mpp, tiles=args.tiles, attention=store.attention,
+                                slide_id=store.attrs.get("slide_id") or store.path.stem, gzip=args.gzip or None,
+                                deposits=deposits, node=None if given else store.node)
     print(f"wrote {path}")
     return 0
 

@@ -8,7 +8,7 @@ import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
@@ -18,9 +18,12 @@ from .encode import Encoder
 from .errors import ConfigError, SlideTimeoutError, log_safe
 from .resolve import resolve_config
 from .slide import Slide, open_slide, slide_id_for
-from .store import FeatureWriter
+from .store import FeatureWriter, ResultStore
 from .tiling import TileGrid, plan_tiles
 from .tissue import TissueMask
+
+if TYPE_CHECKING:  # pragma: no cover
+    from .deposits import DepositMap
 
 __all__ = ["embed_slide", "Pipeline", "SlideResult", "slide_id_for", "slide_attrs", "plan_slide", "open_run_slide",
            "configured_mpp",
@@ -372,23 +375,23 @@ class Pipeline:
                 self._embed(slide_obj, grid, writer, sid, progress, embed, clock)
                 clock.mark("embed")
                 prediction = self._predict(writer, grid)
+                deposits = self._find_deposits(writer, grid, prediction, slide_obj)
                 clock.mark("mil")
                 rasters = _write_rasters(writer, mask, grid, prediction, self.config.outputs.heatmaps)
                 status = "ok" if len(grid) else "no_tissue"
                 summary = self._prediction_summary(prediction)
+                writer.group.attrs.update(prediction=summary, status=status)
+                node = self._node_summary(ResultStore(store_path, writer.group), deposits)
                 with _Staged(out_dir) as staged:
-                    self._side_outputs(staged, sid, slide_obj, mask, grid, prediction, rasters)
+                    self._side_outputs(staged, sid, slide_obj, mask, grid, prediction, rasters, deposits, node)
                     clock.mark("outputs")
                     report = None
                     if self.report:  # first: a report that fails leaves nothing of this run behind
-                        from .store import ResultStore
-
-                        writer.group.attrs.update(prediction=summary, status=status)
                         report = self.write_report(ResultStore(store_path, writer.group), out_dir, slide=slide_obj,
                                                    slide_id=sid)
                         clock.mark("report", check=False)
                     published = staged.publish()
-                    writer.commit(prediction=summary, timings=clock.seconds(), status=status,
+                    writer.commit(prediction=summary, timings=clock.seconds(), status=status, node=node,
                                   outputs=sorted(p.name for p in published.values()))
                     if report is not None:
                         published[".report"] = report
@@ -434,6 +437,27 @@ class Pipeline:
         writer.add_array("tile_scores", prediction.tile_scores)
         return prediction
 
+    def _find_deposits(self, writer: FeatureWriter, grid: TileGrid, prediction: SlidePrediction | None,
+                       slide: Slide) -> "DepositMap | None":
+        """Tumour deposits from the tile probabilities by the run's rules; each tile's deposit
+        rank (0: none) is stored as ``tile_deposit``."""
+        from .deposits import DepositRules, find_deposits
+
+        if prediction is None:
+            return None
+        found = find_deposits(grid, prediction.tile_scores, slide.mpp, DepositRules.from_config(self.config.mil))
+        writer.add_array("tile_deposit", found.tile_deposit, attrs={
+            "note": "rank of the tumour deposit each tile belongs to (1 = largest), 0 = none"})
+        return found
+
+    def _node_summary(self, store: Any, deposits: "DepositMap | None") -> dict[str, Any] | None:
+        """The node's findings (category, largest deposit, foci, tumour area) as the report states them."""
+        from .report.findings import build_findings, node_summary
+
+        if deposits is None:
+            return None
+        return node_summary(build_findings(store, config=self.config.report, deposits=deposits))
+
     def _prediction_summary(self, prediction: SlidePrediction | None) -> dict[str, Any] | None:
         if prediction is None:
             return None
@@ -442,7 +466,8 @@ class Pipeline:
                 "n_tiles": prediction.n_tiles, "top_attention_tile": int(prediction.attention.argmax())}
 
     def _side_outputs(self, staged: "_Staged", sid: str, slide: Slide, mask: TissueMask, grid: TileGrid,
-                      prediction: SlidePrediction | None, rasters: dict[str, np.ndarray]) -> None:
+                      prediction: SlidePrediction | None, rasters: dict[str, np.ndarray],
+                      deposits: "DepositMap | None" = None, node: dict[str, Any] | None = None) -> None:
         """GeoJSON and overlay PNG under temporary names in ``staged``."""
         from .geojson import export_slide_geojson
         from .heatmap import render_overlay, save_overlay_png
@@ -452,7 +477,8 @@ class Pipeline:
             export_slide_geojson(
                 staged.path(f"{sid}.geojson"), tissue=mask, grid=grid if prediction is not None else None,
                 scores=prediction.tile_scores if prediction is not None else None,
-                threshold=self.config.mil.tile_threshold, mpp=slide.mpp, slide_id=sid, gzip=False)
+                threshold=self.config.mil.tile_threshold, mpp=slide.mpp, slide_id=sid, gzip=False,
+                deposits=deposits.deposits if deposits is not None else None, node=node)
         shown = "tile_scores" if "tile_scores" in rasters else next(iter(rasters), None)
         if outputs.overlay and shown and mask.thumbnail is not None:
             image = render_overlay(mask.thumbnail, tuple(mask.level0_per_mask_px), rasters[shown],

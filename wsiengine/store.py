@@ -462,6 +462,9 @@ class ResultStore:
     encoder = property(lambda self: dict(self.attrs.get("encoder") or {}))
     mil = property(lambda self: dict(self.attrs.get("mil") or {}) or None)
     prediction = property(lambda self: dict(self.attrs.get("prediction") or {}) or None)
+    node = property(lambda self: dict(self.attrs.get("node") or {}) or None,
+                    doc="the node's findings (category, largest_mm, foci, total_area_mm2, ...) or None")
+    tile_deposit = property(lambda self: self._array("tile_deposit"), doc="(N,) int32 deposit rank per tile or None")
     timings = property(lambda self: dict(self.attrs.get("timings") or {}))
 
     def array_attrs(self, name: str) -> dict[str, Any]:

@@ -25,7 +25,7 @@ from pathlib import Path
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
-from ..errors import ConfigError
+from ..errors import ConfigError, ModelError
 from .sections import (
     DEFAULT_TARGET_MPP,
     DEFAULT_TILE_PX,
@@ -54,7 +54,11 @@ _RESULT_SECTIONS = ("tissue", "tiling", "encoder", "mil", "outputs")
 _PATH_SETTINGS = ("encoder.encoder", "encoder.encoder_weights", "encoder.trt_cache_dir", "mil.mil", "slide.mpp_csv",
                   "report.tile_bank", "outputs.id_map")
 #: Settings filled from the models by the resolver.
-_RESOLVED = ("encoder.encoder_sha256", "encoder.encoder_spec_sha256", "mil.mil_sha256", "mil.slide_threshold")
+_RESOLVED = ("encoder.encoder_sha256", "encoder.encoder_spec_sha256", "mil.mil_sha256", "mil.slide_threshold",
+             "mil.tile_calibration")
+#: Keys of a head's ``deposit_rules`` and the ``mil`` settings they fill.
+_HEAD_RULES = {"grow_threshold": "tile_threshold", "seed_threshold": "seed_threshold", "smoothing": "smoothing",
+               "min_tiles": "min_focus_tiles", "single_tile_threshold": "single_tile_threshold"}
 #: Sources that name a model (the labels of :class:`ModelTiling`).
 _MODEL_SOURCES = ("MIL head", "encoder ")
 #: Fields of those sections that do not change results.
@@ -140,15 +144,19 @@ class RunConfig:
         return self.encoder.encoder, self.encoder.encoder_weights, self.mil.mil
 
     def _forget_models(self) -> "RunConfig":
-        """Unset what was resolved from the models (hashes, threshold, a tiling they gave)."""
+        """Unset what was resolved from the models (hashes, threshold, a tiling or deposit rules they gave)."""
         sources = dict(self.sources)
         model_given = [n for n in ("target_mpp", "tile_px") if sources.get(f"tiling.{n}", "").startswith(_MODEL_SOURCES)]
-        for name in [*(f"tiling.{n}" for n in model_given), *_RESOLVED]:
+        rules_given = [n for n in _HEAD_RULES.values() if sources.get(f"mil.{n}", "").startswith(_MODEL_SOURCES)]
+        for name in [*(f"tiling.{n}" for n in model_given), *(f"mil.{n}" for n in rules_given), *_RESOLVED]:
             sources.pop(name, None)
+        defaults = MILConfig()
         return dataclasses.replace(
             self, tiling=self.tiling.replace(**{n: None for n in model_given}),
             encoder=self.encoder.replace(encoder_sha256=None, encoder_spec_sha256=None),
-            mil=self.mil.replace(mil_sha256=None, slide_threshold=None), sources=tuple(sorted(sources.items())))
+            mil=self.mil.replace(mil_sha256=None, slide_threshold=None, tile_calibration=None,
+                                 **{n: getattr(defaults, n) for n in rules_given}),
+            sources=tuple(sorted(sources.items())))
 
     def _with(self, section: str, changes: dict[str, Any], sources: dict[str, str]) -> "RunConfig":
         merged = dict(self.sources)
@@ -157,6 +165,24 @@ class RunConfig:
                                    sources=tuple(sorted(merged.items())))
 
     # -- resolution --------------------------------------------------------------------------
+    def resolve_deposit_rules(self, head_rules: Mapping[str, Any] | None, label: str = "MIL head deposit_rules"
+                              ) -> "RunConfig":
+        """The deposit rules a MIL head recorded (``config.json`` ``deposit_rules``, chosen on its
+        validation data) for each rule setting still at its default; settings given by a file,
+        the environment, code or the command line win. Idempotent."""
+        if not isinstance(head_rules, Mapping):
+            return self
+        changes, sources = {}, {}
+        for key, name in _HEAD_RULES.items():
+            if key in head_rules and self.source(f"mil.{name}") == DEFAULT_SOURCE:
+                changes[name], sources[f"mil.{name}"] = head_rules[key], label
+        if not changes:
+            return self
+        try:
+            return self._with("mil", changes, sources)
+        except ConfigError as exc:
+            raise ModelError(f"the MIL head's deposit_rules are invalid: {exc}") from None
+
     def resolve_tiling(self, head: ModelTiling | None = None, encoder: ModelTiling | None = None) -> "RunConfig":
         """``target_mpp`` and ``tile_px`` filled where unset: from the MIL ``head``'s training
         tiling, else the ``encoder``'s spec, else 0.5 µm/px and 224 px. Logs the one mismatch
@@ -179,12 +205,15 @@ class RunConfig:
         return resolved
 
     def with_models(self, *, encoder_sha256: str | None, mil_sha256: str | None,
-                    slide_threshold: float | None, encoder_spec_sha256: str | None = None) -> "RunConfig":
+                    slide_threshold: float | None, encoder_spec_sha256: str | None = None,
+                    tile_calibration: str | None = None) -> "RunConfig":
         """The models' identities filled in (part of :meth:`key`)."""
         config = self._with("encoder", {"encoder_sha256": encoder_sha256, "encoder_spec_sha256": encoder_spec_sha256},
                             {"encoder.encoder_sha256": "encoder file", "encoder.encoder_spec_sha256": "encoder spec"})
-        return config._with("mil", {"mil_sha256": mil_sha256, "slide_threshold": slide_threshold},
-                            {"mil.mil_sha256": "MIL head files", "mil.slide_threshold": "MIL head files"})
+        return config._with("mil", {"mil_sha256": mil_sha256, "slide_threshold": slide_threshold,
+                                    "tile_calibration": tile_calibration},
+                            {"mil.mil_sha256": "MIL head files", "mil.slide_threshold": "MIL head files",
+                             "mil.tile_calibration": "MIL head files"})
 
     def with_absolute_paths(self) -> "RunConfig":
         """Settings that name existing files or folders (encoder, weights, head, mpp CSV, tile

@@ -298,27 +298,50 @@ class EncoderConfig(_Section):
 
 @dataclass(frozen=True)
 class MILConfig(_Section):
-    """The attention-MIL slide head and how its tile scores are read.
+    """The attention-MIL slide head and how its tile scores become tumour deposits.
+
+    The deposit rules (``tile_threshold`` ... ``single_tile_threshold``, see
+    :mod:`wsiengine.deposits`) were chosen on validation nodes from PCam **valid** for the shipped
+    head (``python -m wsiengine.models.training.fit_deposit_rules``), never on test data.
 
     Parameters
     ----------
     mil : str, optional
         'default' (the shipped lymph-node head), a head folder from train-mil, or none for embeddings only.
     tile_threshold : float
-        Tile score at or above which tiles form tumour regions and deposits (GeoJSON, reports).
+        Smoothed tile probability at or above which a tile may join a tumour deposit (GeoJSON regions, reports).
+    seed_threshold : float
+        A deposit must hold a tile whose smoothed probability is at least this (hysteresis seed).
+    smoothing : float
+        Weight of each edge neighbour when tile probabilities are smoothed on the tile lattice (corners half; 0 = none).
+    min_focus_tiles : int
+        Fewest tiles of a deposit, unless one of its tiles reaches single_tile_threshold.
+    single_tile_threshold : float
+        Raw tile probability at or above which one tile is a deposit on its own (1 = never).
     mil_sha256 : str, optional
         Filled when the run is resolved: the sha256 of the head's graph (part of the resume key).
     slide_threshold : float, optional
         Filled when the run is resolved: the head's slide-level decision threshold.
+    tile_calibration : str, optional
+        Filled when the run is resolved: the head's tile-probability calibration (part of the resume key).
     """
 
     mil: str | None = "default"
     tile_threshold: float = 0.5
+    seed_threshold: float = 0.5
+    smoothing: float = 0.0
+    min_focus_tiles: int = 1
+    single_tile_threshold: float = 1.0
     mil_sha256: str | None = field(default=None, metadata={"resolved": True})
     slide_threshold: float | None = field(default=None, metadata={"resolved": True})
+    tile_calibration: str | None = field(default=None, metadata={"resolved": True})
 
     def __post_init__(self) -> None:
-        _fraction("tile_threshold", self.tile_threshold)
+        for name in ("tile_threshold", "seed_threshold", "single_tile_threshold"):
+            _fraction(name, getattr(self, name))
+        _non_negative(self, "smoothing")
+        if isinstance(self.min_focus_tiles, bool) or not isinstance(self.min_focus_tiles, int) or self.min_focus_tiles < 1:
+            raise ConfigError(f"min_focus_tiles must be a whole number >= 1, got {self.min_focus_tiles!r}")
         if self.mil in ("", "none", "None"):
             object.__setattr__(self, "mil", None)
 

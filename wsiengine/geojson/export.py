@@ -197,6 +197,21 @@ def region_features(regions: BaseGeometry, mpp: tuple[float, float] | float, *, 
                                  fid=_feature_id(id_namespace, f"region-{name}", k)))
     return features
 
+def deposit_features(deposits: Sequence[Any], *, name: str = TUMOR_CLASS, colour: Sequence[int] | None = None,
+                     id_namespace: str | None = None) -> list[dict[str, Any]]:
+    """Measured tumour deposits (:class:`wsiengine.deposits.Deposit`: ``rank``, ``outline``,
+    ``measurements()``) as classified QuPath annotations, one per deposit, largest first, named
+    ``"Tumor deposit 1"``, ... Their measurements are the report's numbers (``"Max diameter mm"``
+    is the Feret diameter of the deposit, ``"Size uncertainty mm"`` its ± one tile)."""
+    features = []
+    for deposit in deposits:
+        features.append(_feature(_geometry_json(list(deposit.outline.geoms)), "annotation", classification=name,
+                                 colour=colour, name=f"{name} deposit {deposit.rank}",
+                                 measurements=dict(deposit.measurements()),
+                                 fid=_feature_id(id_namespace, f"deposit-{name}", deposit.rank - 1)))
+    return features
+
+
 def score_colours(values: np.ndarray, vmin: float = 0.0, vmax: float = 1.0) -> np.ndarray:
     """``(N, 3)`` uint8 viridis colours for ``values`` scaled from [vmin, vmax]; NaN is grey."""
     v = np.asarray(values, np.float64).reshape(-1)
@@ -260,7 +275,8 @@ def slide_feature_collection(*, tissue: TissueMask | BaseGeometry | None = None,
                              scores: np.ndarray | None = None, threshold: float = 0.5,
                              mpp: tuple[float, float] | float | None = None, tiles: bool = False,
                              attention: np.ndarray | None = None, min_tiles: int = 1,
-                             slide_id: str | None = None) -> dict[str, Any]:
+                             slide_id: str | None = None, deposits: Sequence[Any] | None = None,
+                             node: Mapping[str, Any] | None = None) -> dict[str, Any]:
     """The FeatureCollection of one slide: tissue annotations, tumour-region annotations
     (tiles with ``scores >= threshold`` merged, see :func:`tumour_regions`) and, with ``tiles``,
     one detection per tile with ``"tile score"`` and ``"attention"``, classified ``"Tumor"`` or
@@ -284,6 +300,13 @@ def slide_feature_collection(*, tissue: TissueMask | BaseGeometry | None = None,
         Smallest tumour region kept, tiles.
     slide_id : str, optional
         Makes feature ids deterministic.
+    deposits : sequence of Deposit, optional
+        Measured deposits (:func:`wsiengine.deposits.find_deposits`): they are the tumour regions
+        (see :func:`deposit_features`) instead of tiles merged by ``threshold``, and tiles are
+        ``"Tumor"`` when they belong to one.
+    node : mapping, optional
+        The node's findings (category, largest deposit, foci, tumour area), written as the
+        collection's foreign member ``"wsiengine": {"node": ...}`` (QuPath ignores it).
     """
     if mpp is None and grid is not None:
         mpp = grid.slide_mpp
@@ -295,8 +318,11 @@ def slide_feature_collection(*, tissue: TissueMask | BaseGeometry | None = None,
         if mpp_xy is None:
             raise InputError("mpp is required for tumour regions (area in mm², diameter in mm): pass the level-0 mpp "
                              "(µm/px) or a grid that carries slide_mpp")
-        regions = tumour_regions(grid, scores, threshold, min_tiles=min_tiles)
-        features += region_features(regions, mpp_xy, grid=grid, scores=scores, id_namespace=slide_id)
+        if deposits is not None:
+            features += deposit_features(deposits, id_namespace=slide_id)
+        else:
+            regions = tumour_regions(grid, scores, threshold, min_tiles=min_tiles)
+            features += region_features(regions, mpp_xy, grid=grid, scores=scores, id_namespace=slide_id)
     if tiles:
         if grid is None:
             raise InputError("tiles=True needs the grid: pass grid= (the TileGrid the scores belong to)")
@@ -304,12 +330,20 @@ def slide_feature_collection(*, tissue: TissueMask | BaseGeometry | None = None,
         classes: list[str | None] | str = TILE_CLASS
         if scores is not None:
             values["tile score"] = np.asarray(scores)
-            classes = [TUMOR_CLASS if v >= threshold else NON_TUMOR_CLASS
-                       for v in np.asarray(scores, np.float64).reshape(-1)]
+            if deposits is not None:
+                member = np.zeros(len(grid), bool)
+                for deposit in deposits:
+                    member[np.asarray(deposit.tiles, np.int64)] = True
+            else:
+                member = np.asarray(scores, np.float64).reshape(-1) >= threshold
+            classes = [TUMOR_CLASS if m else NON_TUMOR_CLASS for m in member]
         if attention is not None:
             values["attention"] = np.asarray(attention)
         features += tile_features(grid, values, classification=classes, id_namespace=slide_id)
-    return feature_collection(features)
+    collection = feature_collection(features)
+    if node is not None:
+        collection["wsiengine"] = {"node": dict(node)}
+    return collection
 
 
 def _is_gzip_path(path: Path) -> bool:
@@ -375,9 +409,11 @@ def export_slide_geojson(path: str | os.PathLike[str], *, tissue: TissueMask | B
                          grid: TileGrid | None = None, scores: np.ndarray | None = None, threshold: float = 0.5,
                          mpp: tuple[float, float] | float | None = None, tiles: bool = False,
                          attention: np.ndarray | None = None, min_tiles: int = 1, slide_id: str | None = None,
-                         gzip: bool | None = None) -> Path:
+                         gzip: bool | None = None, deposits: Sequence[Any] | None = None,
+                         node: Mapping[str, Any] | None = None) -> Path:
     """Write a slide's QuPath GeoJSON (see :func:`slide_feature_collection`) to ``path``
     atomically, gzipped when ``path`` ends with ``.gz`` or ``gzip=True``. Returns ``path``."""
     collection = slide_feature_collection(tissue=tissue, grid=grid, scores=scores, threshold=threshold, mpp=mpp,
-                                          tiles=tiles, attention=attention, min_tiles=min_tiles, slide_id=slide_id)
+                                          tiles=tiles, attention=attention, min_tiles=min_tiles, slide_id=slide_id,
+                                          deposits=deposits, node=node)
     return write_geojson(path, collection, gzip=gzip)

@@ -20,11 +20,13 @@ from ..config import ReportConfig
 from ..errors import ReportError
 
 if TYPE_CHECKING:  # pragma: no cover
+    from ..deposits import DepositMap, DepositRules
     from ..ood import EmbeddingReference
     from ..store import ResultStore
 
 __all__ = ["Category", "CATEGORIES", "ITC_MAX_MM", "MICRO_MAX_MM", "EXTRANODAL_EXTENSION", "metastasis_call",
-           "size_category", "build_findings", "evidence_tiles", "QCFlag"]
+           "size_category", "node_category", "node_summary", "build_findings", "evidence_tiles", "QCFlag",
+           "recorded_rules", "recorded_tile_threshold"]
 
 logger = logging.getLogger("wsiengine")
 
@@ -105,30 +107,42 @@ def _round(v: float | None, digits: int = 4) -> float | None:
     return round(float(v), digits)
 
 
-def _deposits(store: "ResultStore", scores: np.ndarray | None, tile_threshold: float,
-              mpp: tuple[float, float]) -> dict[str, Any]:
-    """Tumour regions from the tile scores (as in the GeoJSON): foci, sizes, areas (mm, mm²)."""
-    from ..geojson import region_measurements, tumour_regions
+def _deposits(store: "ResultStore", scores: np.ndarray | None, rules: "DepositRules",
+              mpp: tuple[float, float], found: "DepositMap | None" = None) -> dict[str, Any]:
+    """Tumour deposits from the tile probabilities (:func:`wsiengine.deposits.find_deposits`, the
+    same as the GeoJSON's regions): foci, sizes with their uncertainty, areas (mm, mm²)."""
+    from ..deposits import find_deposits
 
     grid = store.tile_grid()
-    tile_mm = float(grid.tile_size_level0[0]) * mpp[0] / 1000.0
-    out: dict[str, Any] = {"foci": 0, "largest_mm": None, "total_area_mm2": 0.0, "tile_threshold": tile_threshold,
+    tile_mm = max(float(grid.tile_size_level0[0]) * mpp[0], float(grid.tile_size_level0[1]) * mpp[1]) / 1000.0
+    out: dict[str, Any] = {"foci": 0, "largest_mm": None, "size_uncertainty_mm": round(tile_mm, 4),
+                           "total_area_mm2": 0.0, "tile_threshold": rules.grow_threshold, "rules": rules.to_dict(),
                            "tile_size_mm": round(tile_mm, 4), "tiles_above_threshold": 0, "regions": []}
     if scores is None or not len(grid):
         return out
     scores = np.asarray(scores, np.float64)
-    out["tiles_above_threshold"] = int(np.count_nonzero(scores >= tile_threshold))
-    measured = region_measurements(tumour_regions(grid, scores, tile_threshold), mpp, grid=grid, scores=scores)
-    if not measured:
-        return out
-    measured.sort(key=lambda m: -m.max_diameter_mm)
-    rows = [{"rank": rank, "max_diameter_mm": _round(m.max_diameter_mm, 3), "area_mm2": _round(m.area_mm2, 4),
-             "tiles": int(np.count_nonzero(scores[m.tiles] >= tile_threshold)),
-             "max_tile_score": _round(m.max_tile_score), "bbox_level0": [int(round(v)) for v in m.polygon.bounds]}
-            for rank, m in enumerate(measured, 1)]
-    out.update(foci=len(rows), largest_mm=rows[0]["max_diameter_mm"],
-               total_area_mm2=_round(sum(r["area_mm2"] for r in rows), 4), regions=rows)
+    out["tiles_above_threshold"] = int(np.count_nonzero(scores >= rules.grow_threshold))
+    found = found if found is not None else find_deposits(grid, scores, mpp, rules)
+    out.update(foci=found.foci, largest_mm=found.largest_mm, total_area_mm2=found.total_area_mm2,
+               regions=[d.to_dict() for d in found.deposits])
     return out
+
+
+def node_category(call: str, largest_mm: float | None, foci: int, *, tile_mm: float) -> tuple[str, bool]:
+    """The node's category code and whether it is low-confidence, from the slide head's call and
+    the measured deposits.
+
+    The deposits decide: a node with a deposit takes the category of its largest one
+    (:func:`size_category`; low-confidence within one tile of 0.2 or 2 mm), whatever the slide
+    call (the findings' call then becomes ``"yes"``, with a ``discordant_call`` flag when the head
+    did not say so). Without a deposit, a ``"no"`` call is ``negative`` and any other call
+    ``indeterminate`` (positive or uncertain at slide level, yet nothing measurable).
+    """
+    if foci and largest_mm is not None:
+        return size_category(largest_mm, tile_mm=tile_mm)
+    if call == "no":
+        return "negative", False
+    return "indeterminate", True
 
 
 def evidence_tiles(attention: np.ndarray | None, scores: np.ndarray | None, k: int) -> np.ndarray:
@@ -190,14 +204,20 @@ def _tiling_mismatch(mil: dict[str, Any] | None, grid: dict[str, Any]) -> str | 
 def recorded_tile_threshold(store: "ResultStore") -> float:
     """The tile threshold the store's run used (``config.mil.tile_threshold``; 0.5 for stores
     written before it was recorded)."""
-    config = store.config or {}
-    mil = config.get("mil") if isinstance(config.get("mil"), dict) else {}
-    value = mil.get("tile_threshold", config.get("tumour_threshold", 0.5))
-    return float(value)
+    return recorded_rules(store).grow_threshold
+
+
+def recorded_rules(store: "ResultStore", *, tile_threshold: float | None = None) -> "DepositRules":
+    """The deposit rules the store's run used (:meth:`wsiengine.deposits.DepositRules.from_recorded`);
+    ``tile_threshold`` overrides its grow threshold."""
+    from ..deposits import DepositRules
+
+    return DepositRules.from_recorded(store.config, tile_threshold=tile_threshold)
 
 
 def build_findings(store: "ResultStore", *, config: ReportConfig | None = None,
-                   reference: "EmbeddingReference | None" = None, tile_threshold: float | None = None) -> dict[str, Any]:
+                   reference: "EmbeddingReference | None" = None, tile_threshold: float | None = None,
+                   deposits: "DepositMap | None" = None) -> dict[str, Any]:
     """The structured findings of a slide (a JSON-ready dict; see ``schema.json``).
 
     Parameters
@@ -210,8 +230,11 @@ def build_findings(store: "ResultStore", *, config: ReportConfig | None = None,
         The MIL head's training embeddings; without it the OOD check is not run
         (``qc.ood_fraction`` is null).
     tile_threshold : float, optional
-        Tile score at or above which tiles form deposits (default: the store's run's,
-        :func:`recorded_tile_threshold`).
+        Smoothed tile probability at or above which tiles may join deposits (default: the store's
+        run's; the other deposit rules are always the run's, :func:`recorded_rules`).
+    deposits : DepositMap, optional
+        The deposits already found from this store's tile scores with its rules (the pipeline
+        passes them, to measure once); found here otherwise.
 
     Returns
     -------
@@ -227,8 +250,8 @@ def build_findings(store: "ResultStore", *, config: ReportConfig | None = None,
     prediction = store.prediction
     attention, scores = store.attention, store.tile_scores
     n_tiles = store.n_tiles
-    if tile_threshold is None:
-        tile_threshold = recorded_tile_threshold(store)
+    rules = recorded_rules(store, tile_threshold=tile_threshold)
+    tile_threshold = rules.grow_threshold
     flags: list[QCFlag] = []
 
     if prediction is None:
@@ -238,33 +261,28 @@ def build_findings(store: "ResultStore", *, config: ReportConfig | None = None,
     else:
         probability, threshold = float(prediction["probability"]), float(prediction["threshold"])
         call = metastasis_call(probability, threshold, config.indeterminate_margin)
-    deposits = _deposits(store, scores, tile_threshold, mpp)
+    deposits = _deposits(store, scores, rules, mpp, deposits)
     tile_mm = deposits["tile_size_mm"]
-
-    low_confidence = False
+    head_call = call if prediction is not None else None
+    code, low_confidence = node_category(call, deposits["largest_mm"], deposits["foci"], tile_mm=tile_mm)
     note = ""
-    if call == "no":
-        code = "negative"
-        if deposits["foci"]:
-            flags.append(QCFlag("discordant_tiles", (
-                f"{deposits['tiles_above_threshold']} tile(s) score >= {tile_threshold:g} although the slide is called "
-                "negative; review them on the heatmap.")))
-    elif call == "yes":
-        code, low_confidence = size_category(deposits["largest_mm"], tile_mm=tile_mm)
-        if deposits["largest_mm"] is None:
-            note = (f"The slide is called positive but no tile scores >= {tile_threshold:g}, so no deposit can be "
-                    "measured.")
-        elif low_confidence:
-            note = (f"The largest deposit ({deposits['largest_mm']:.2f} mm) is within one tile ({tile_mm:.2f} mm) "
-                    "of a category boundary (0.2 or 2 mm).")
-    else:
-        code, low_confidence = "indeterminate", True
-        note = ("The slide probability is within the indeterminate band around the threshold." if prediction else
-                "There is no slide prediction.")
     if code in ("itc", "micrometastasis", "macrometastasis"):
+        call = "yes"  # a measured deposit is the node's call, whatever the slide probability
+        if low_confidence:
+            note = (f"The largest deposit ({deposits['largest_mm']:.2f} ± {tile_mm:.2f} mm) is within one tile of a "
+                    "category boundary (0.2 or 2 mm).")
+        if head_call != "yes":
+            below = "below" if head_call == "no" else "near"
+            flags.append(QCFlag("discordant_call", (
+                f"The slide probability is {below} the head's threshold, yet {deposits['foci']} deposit(s) were "
+                f"found (largest {deposits['largest_mm']:.2f} mm); the call and category follow the deposits. "
+                "Review them on the heatmap.")))
         note = (note + " " if note else "") + (
-            f"Sizes are measured on {tile_mm:.3f} mm tiles (whole tiles), not on cells; ITC also counts "
-            "clusters of <= 200 cells, which tiles cannot count.")
+            f"Sizes are Feret diameters of regions built from {tile_mm:.3f} mm tiles (± one tile), not of cells; ITC "
+            "also counts clusters of <= 200 cells, which tiles cannot count.")
+    elif code == "indeterminate":
+        note = ("There is no slide prediction." if prediction is None else
+                f"The slide call is '{call}' but no deposit passes the region rules, so none can be measured.")
     category = CATEGORIES[code]
 
     evidence = []
@@ -279,7 +297,7 @@ def build_findings(store: "ResultStore", *, config: ReportConfig | None = None,
             "image": None})
 
     singles = sum(1 for r in deposits["regions"] if r["tiles"] <= 1)
-    if call != "no" and singles >= config.scattered_tiles:
+    if singles >= config.scattered_tiles:
         flags.append(QCFlag("scattered_tiles", (
             f"{singles} of the {deposits['foci']} foci are single tiles: isolated positive tiles are often false "
             "positives of the tile classifier, so the focus count is an upper bound; review them on the heatmap.")))
@@ -306,7 +324,7 @@ def build_findings(store: "ResultStore", *, config: ReportConfig | None = None,
         flags.append(QCFlag("tiling_mismatch", mismatch))
     return {
         "metastasis": {"call": call, "probability": _round(probability), "threshold": _round(threshold),
-                       "indeterminate_margin": config.indeterminate_margin},
+                       "indeterminate_margin": config.indeterminate_margin, "head_call": head_call},
         "category": {"code": category.code, "name": category.name, "definition": category.definition,
                      "low_confidence": bool(low_confidence), "note": note},
         "deposits": deposits,
@@ -317,3 +335,14 @@ def build_findings(store: "ResultStore", *, config: ReportConfig | None = None,
                "mpp_source": source, "ood_fraction": _round(ood), "ood_quantile": config.ood_quantile},
         "second_opinion": None,
     }
+
+
+def node_summary(findings: dict[str, Any]) -> dict[str, Any]:
+    """The per-node findings a result store records in its attributes (``node``) and the GeoJSON
+    carries: the same numbers as the report's ``category`` and ``deposits``."""
+    deposits = findings["deposits"]
+    return {"category": findings["category"]["code"], "low_confidence": findings["category"]["low_confidence"],
+            "largest_mm": deposits["largest_mm"], "size_uncertainty_mm": deposits["size_uncertainty_mm"],
+            "foci": deposits["foci"], "total_area_mm2": deposits["total_area_mm2"],
+            "call": findings["metastasis"]["call"], "probability": findings["metastasis"]["probability"],
+            "rules": deposits["rules"]}

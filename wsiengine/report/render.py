@@ -20,6 +20,7 @@ FLAG_PHRASES = {
     "mpp_tiff": "resolution from generic TIFF tags", "ood_embeddings": "tissue unlike the training data",
     "tiling_mismatch": "tiles unlike those of training", "evidence_unavailable": "evidence tiles unavailable",
     "no_prediction": "no slide prediction", "discordant_tiles": "discordant tile scores",
+    "discordant_call": "deposits found although the slide probability is not above the threshold",
     "scattered_tiles": "scattered single-tile foci",
 }
 
