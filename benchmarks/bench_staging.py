@@ -36,93 +36,17 @@ import argparse
 import csv
 import datetime as dt
 import json
-import math
 import platform
 import sys
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict
 from pathlib import Path
 
 import numpy as np
 
 ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_PCAM = (ROOT / ".." / "shared" / "data" / "pcam").resolve()
-STAGES = ("pN0", "pN0(i+)", "pN1mi", "pN1", "pN2")
-#: Node categories per target stage (five nodes; the rest negative).
-STAGE_NODES = {
-    "pN0": [],
-    "pN0(i+)": ["itc"],
-    "pN1mi": ["micrometastasis"],
-    "pN1": ["macrometastasis", "micrometastasis"],
-    "pN2": ["macrometastasis", "micrometastasis", "micrometastasis", "macrometastasis"],
-}
-CELL_MM = 96 * 0.972 / 1000  # one PCam patch, mm
-#: Lesion diameter ranges per category, mm (the issue's ranges), and node tissue per category, cells.
-TARGET_MM = {"micrometastasis": (0.3, 1.5), "macrometastasis": (2.4, 3.5)}
 ANCHORS = {"kappa_best_single": 0.89, "kappa_ensemble": 0.93, "itc_detection_below": 0.40}
-
-
-@dataclass
-class Node:
-    patient_id: str
-    slide_id: str
-    planned: str
-    seed: int
-    true_category: str = "negative"
-    true_mm: float | None = None
-
-
-def cells_for(diameter_mm: float) -> int:
-    """Patches of a compact lesion of that greatest dimension (a disc)."""
-    return max(2, round(math.pi / 4 * (diameter_mm / CELL_MM) ** 2))
-
-
-def category_of(mm: float | None) -> str:
-    if mm is None:
-        return "negative"
-    return "itc" if mm <= 0.2 else "micrometastasis" if mm <= 2.0 else "macrometastasis"
-
-
-def plan_patients(n: int, seed: int) -> list[Node]:
-    rng = np.random.default_rng(seed)
-    nodes = []
-    for p in range(n):
-        stage = STAGES[p % len(STAGES)]
-        categories = STAGE_NODES[stage] + ["negative"] * (5 - len(STAGE_NODES[stage]))
-        rng.shuffle(categories)
-        for k, category in enumerate(categories):
-            nodes.append(Node(f"patient_{p:03d}", f"patient_{p:03d}_node_{k}", category, int(rng.integers(2**31))))
-    return nodes
-
-
-def make_nodes(nodes: list[Node], pool, folder: Path, *, small: bool) -> None:
-    """Write every node slide (reusing finished ones) and measure its true lesion."""
-    from wsiengine.geojson import max_diameter
-    from wsiengine.testing.mosaic import PCAM_MPP, make_mosaic_slide
-
-    folder.mkdir(parents=True, exist_ok=True)
-    for node in nodes:
-        rng = np.random.default_rng(node.seed)
-        if node.planned == "negative":
-            lesion = (1, 1)
-        elif node.planned == "itc":
-            lesion = (1, 1)
-        else:
-            lo, hi = TARGET_MM[node.planned]
-            cells = cells_for(rng.uniform(lo, hi) / (4 if small else 1))
-            lesion = (cells, cells)
-        # PCam test has 1,500 normal patches (about 1,065 stained enough) and a slide never repeats
-        # one: normal tissue stays under about 1,000 cells, plus the lesion's tumour cells
-        normal = (150, 250) if small else (600, 900)
-        tissue = (normal[0] + lesion[0] - 1, normal[1] + lesion[0] - 1)
-        slide = make_mosaic_slide(folder / f"{node.slide_id}.tiff", pool, label=int(node.planned != "negative"),
-                                  seed=node.seed, n_tissue_cells=tissue, lesion_cells=lesion,
-                                  regions=(1, 2) if node.planned == "macrometastasis" else (2, 3))
-        if not slide.lesions.is_empty:
-            largest = max(getattr(slide.lesions, "geoms", [slide.lesions]), key=lambda g: g.area)
-            node.true_mm = max_diameter(largest, (PCAM_MPP, PCAM_MPP)) / 1000
-        node.true_category = category_of(node.true_mm)
-        (folder / f"{node.slide_id}.lesions.geojson").write_text(json.dumps(slide.lesion_geojson()))
 
 
 def region_iou(results: Path, slides: Path, slide_id: str) -> float | None:
@@ -158,6 +82,7 @@ def main(argv: list[str] | None = None) -> int:
                                    write_stages)
     from wsiengine.store import open_result
     from wsiengine.testing.mosaic import PCAM_MPP, PatchPool
+    from wsiengine.testing.nodes import make_nodes, plan_patients
 
     started = time.perf_counter()
     slides, results = args.work / "slides", args.work / "results"

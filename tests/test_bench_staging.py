@@ -1,4 +1,5 @@
-"""benchmarks/bench_staging.py: patient plans, truth from lesion geometry, and a tiny real run."""
+"""benchmarks/bench_staging.py and wsiengine.testing.nodes: patient plans, truth from lesion geometry, and a
+tiny real run."""
 
 from __future__ import annotations
 
@@ -11,6 +12,7 @@ from pathlib import Path
 import pytest
 
 from wsiengine.staging import pn_stage
+from wsiengine.testing.nodes import STAGES, category_of, plan_patients
 
 from .conftest import shared_file
 
@@ -26,19 +28,19 @@ def bench():
     return module
 
 
-def test_planned_patients_have_five_nodes_and_their_target_stage(bench):
-    nodes = bench.plan_patients(10, seed=0)
+def test_planned_patients_have_five_nodes_and_their_target_stage():
+    nodes = plan_patients(10, seed=0)
     assert len(nodes) == 50 and len({n.slide_id for n in nodes}) == 50
     for p in range(10):
         planned = [n.planned for n in nodes if n.patient_id == f"patient_{p:03d}"]
-        assert len(planned) == 5 and pn_stage(planned) == bench.STAGES[p % 5]
-    assert nodes == bench.plan_patients(10, seed=0)
+        assert len(planned) == 5 and pn_stage(planned) == STAGES[p % 5]
+    assert nodes == plan_patients(10, seed=0)
 
 
 @pytest.mark.parametrize("mm, category", [(None, "negative"), (0.13, "itc"), (0.2, "itc"), (0.21, "micrometastasis"),
                                           (2.0, "micrometastasis"), (2.01, "macrometastasis")])
-def test_true_category_from_the_lesion_size(bench, mm, category):
-    assert bench.category_of(mm) == category
+def test_true_category_from_the_lesion_size(mm, category):
+    assert category_of(mm) == category
 
 
 def test_a_small_run_scores_every_node_and_patient(bench, tmp_path, capsys):

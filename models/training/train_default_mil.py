@@ -452,6 +452,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     print(json.dumps({k: figures[k] for k in ("mosaic_test", "pcam_test_patches", "top_attention_rate")}, indent=1,
                      default=float))
     print(f"wrote {out} in {time.perf_counter() - started:.0f} s")
+    print("the new head has no tile calibration or deposit rules yet: run "
+          "python -m wsiengine.models.training.fit_deposit_rules --work DIR --write-head")
     return 0
 
 
