@@ -214,3 +214,23 @@ def test_size_category_boundaries_are_inclusive_as_in_ajcc():
     assert size_category(0.2001, tile_mm=0.01)[0] == "micrometastasis"
     assert size_category(2.0, tile_mm=0.01)[0] == "micrometastasis"
     assert size_category(2.0001, tile_mm=0.01)[0] == "macrometastasis"
+
+
+# -- rules from slide labels only (train-mil heads) ----------------------------------------
+def test_rules_from_slide_labels_bound_false_foci_on_negative_slides():
+    from wsiengine.deposits import rules_from_slide_labels
+
+    rng = np.random.default_rng(0)
+    grid, at = full_grid(10, 10)
+    negatives = [rng.uniform(0, 0.3, len(grid)) for _ in range(10)]
+    for k, s in enumerate(negatives):
+        s[at[(5, 5)]] = 0.5 + 0.04 * k  # one tumour-like tile per negative slide, of rising score
+    positive = scores_with(len(grid), {at[(r, c)]: 0.95 for r in range(2, 6) for c in range(2, 6)}, background=0.1)
+    rules = rules_from_slide_labels([grid] * 11, negatives + [positive], [0] * 10 + [1])
+    assert rules.smoothing == 0.5 and rules.grow_threshold <= rules.seed_threshold
+    with_focus = sum(find_deposits(grid, s, MPP, rules).foci > 0 for s in negatives)
+    assert with_focus <= 1  # the 90th-percentile negative slide and below hold no seed
+    found = find_deposits(grid, positive, MPP, rules)
+    assert found.foci == 1 and found.deposits[0].tiles.size >= 16  # the deposit is filled, not just its peak
+    with pytest.raises(InputError, match="negative"):
+        rules_from_slide_labels([grid], [positive], [1])

@@ -282,6 +282,16 @@ def test_cli_train_mil_writes_head_metrics_and_roc(digits_stores, tmp_path, caps
     head = MILHead.load(out)
     assert head.encoder == "digits" and head.config["selected_split"] == metrics["selected_split"]
     assert (head.target_mpp, head.tile_px) == (1.0, 8)  # the stores' tiling travels with the head
+    # deposit rules from the validation slides' labels only: no negative validation slide's
+    # tiles would seed a focus beyond the 90th-percentile slide
+    rules = head.config["deposit_rules"]
+    assert rules["fitted_on"].startswith("slide labels only") and rules["smoothing"] == 0.5
+    assert 0 <= rules["grow_threshold"] <= rules["seed_threshold"] <= 1 and head.tile_calibration is None
+    from wsiengine.config import RunConfig
+    from wsiengine.resolve import resolve_config
+
+    resolved = resolve_config(RunConfig.load(env={}, mil=str(out), encoder="default"))
+    assert resolved.mil.seed_threshold == rules["seed_threshold"] and resolved.mil.tile_threshold == rules["grow_threshold"]
     chosen = next(f for f in metrics["splits"] if f["split"] == metrics["selected_split"])
     assert head.threshold == pytest.approx(chosen["threshold"])
     assert chosen["val"]["auc"] == max(f["val"]["auc"] for f in metrics["splits"])

@@ -43,7 +43,7 @@ from .kernels import label_components
 from .tiling import TileGrid
 
 __all__ = ["DepositRules", "Deposit", "DepositMap", "find_deposits", "deposit_tiles", "feret_mm", "tile_lattice",
-           "smooth_on_lattice"]
+           "smooth_on_lattice", "rules_from_slide_labels"]
 
 
 @dataclass(frozen=True)
@@ -313,3 +313,37 @@ def find_deposits(grid: TileGrid, probabilities: np.ndarray, mpp: tuple[float, f
                                 round(area, 5), round(float(p[tiles].max()), 4), round(float(p[tiles].mean()), 4)))
     return DepositMap(deposits, tile_deposit, smoothed.astype(np.float32), rules, tile_mm)
 
+
+
+def rules_from_slide_labels(grids: list[TileGrid], scores: list[np.ndarray], labels: list[int], *,
+                            smoothing: float = 0.5, negative_slide_quantile: float = 0.9,
+                            negative_tile_quantile: float = 0.99) -> DepositRules:
+    """Deposit rules for a head trained with slide labels only (``train-mil``), from its
+    validation slides: what can be chosen without a single tile label.
+
+    Every tile of a negative slide is normal, so the negatives bound the false foci:
+
+    - ``seed_threshold`` lies just above the ``negative_slide_quantile`` quantile of the negative
+      slides' highest smoothed tile scores (by default about 10 % of them keep a focus);
+    - ``grow_threshold`` is the ``negative_tile_quantile`` of the negative slides' smoothed tile
+      scores: a deposit grows over tiles more tumour-like than 99 % of normal tiles, which fills
+      it beyond the few tiles a MIL tile head fires on.
+
+    Sizes are not calibrated this way (positive slides carry no outline); the head's card says so.
+    Raises :class:`~wsiengine.errors.InputError` without a negative slide.
+    """
+    negative_max, negative_tiles = [], []
+    for grid, s, y in zip(grids, scores, labels):
+        if int(y) != 0 or not len(grid):
+            continue
+        rows, cols = tile_lattice(grid)
+        smoothed = smooth_on_lattice(np.nan_to_num(np.asarray(s, np.float64), nan=0.0), rows, cols, smoothing)
+        negative_max.append(float(smoothed.max()))
+        negative_tiles.append(smoothed)
+    if not negative_max:
+        raise InputError("choosing deposit rules from slide labels needs validation slides labelled negative")
+    seed = float(np.quantile(negative_max, negative_slide_quantile))
+    seed = float(min(1.0, np.nextafter(seed, 2.0)))
+    grow = float(min(seed, np.quantile(np.concatenate(negative_tiles), negative_tile_quantile)))
+    return DepositRules(grow_threshold=grow, seed_threshold=seed, smoothing=smoothing, min_tiles=1,
+                        single_tile_threshold=1.0)

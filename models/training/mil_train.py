@@ -379,6 +379,36 @@ def fit_reference(bags: FeatureBags, slide_ids: Sequence[str], *, source: str = 
     return reference
 
 
+def slide_label_deposit_rules(head_dir: Path, bags: FeatureBags, val_ids: Sequence[str]) -> dict[str, Any] | None:
+    """The deposit rules of an exported head from its validation slides' labels only
+    (:func:`wsiengine.deposits.rules_from_slide_labels`), ready for ``config.json``; None when
+    the slides have no stored tile grid or no negative validation slide."""
+    from ...aggregate import MILHead
+    from ...deposits import rules_from_slide_labels
+    from ...errors import InputError
+    from ...store import open_result
+
+    indices = bags.index(val_ids)
+    if not len(indices):
+        return None
+    head = MILHead.load(head_dir, threads=1)
+    grids, scores, labels = [], [], []
+    try:
+        for i in indices:
+            grids.append(open_result(bags.paths[int(i)]).tile_grid())
+            scores.append(head.predict(bags.features(int(i))).tile_scores)
+            labels.append(int(bags.labels[int(i)]))
+        rules = rules_from_slide_labels(grids, scores, labels)
+    except (StoreError, OSError, InputError, ConfigError) as exc:
+        logger.warning("no deposit rules for %s: %s", head_dir.name, exc)
+        return None
+    n_negative = labels.count(0)
+    return dict(rules.to_dict(), fitted_on=(
+        f"slide labels only ({len(labels)} validation slides, {n_negative} negative): seed above the highest smoothed "
+        "tile score of 90 % of the negative slides, grow at the 99th percentile of their tiles; sizes not calibrated "
+        "(no tile labels)"))
+
+
 def _write_outputs(result: MILTrainResult, bags: FeatureBags, config: MILTrainConfig, out: Path,
                    provenance: dict[str, Any]) -> None:
     partial = out.with_name(out.name + ".partial")
@@ -386,8 +416,14 @@ def _write_outputs(result: MILTrainResult, bags: FeatureBags, config: MILTrainCo
     partial.mkdir(parents=True)
     name = f"{config.model}-{bags.encoder or 'features'}"
     for fold in result.folds:
-        save_mil_head(fold.model, partial / "folds" / fold.split.name, bags.in_dim, fold.threshold,
-                      f"{name}-{fold.split.name}", _head_config(fold, bags, config, provenance))
+        head_dir = partial / "folds" / fold.split.name
+        save_mil_head(fold.model, head_dir, bags.in_dim, fold.threshold, f"{name}-{fold.split.name}",
+                      _head_config(fold, bags, config, provenance))
+        rules = slide_label_deposit_rules(head_dir, bags, fold.split.val)
+        if rules is not None:
+            cfg = json.loads((head_dir / "config.json").read_text())
+            cfg["deposit_rules"] = rules
+            (head_dir / "config.json").write_text(json.dumps(cfg, indent=2))
     chosen = next(f for f in result.folds if f.split.name == result.selected)
     for file in ("model.onnx", "config.json"):
         shutil.copy2(partial / "folds" / chosen.split.name / file, partial / file)
