@@ -203,6 +203,28 @@ def test_stage_command_and_run_with_patients(tmp_path, real_report, cmu_small, c
     assert row["patient_id"] == "solo" and row["pn_stage"] in {"pN0", "pN0(i+)", "pN1mi", "pN1"} and row["n_nodes"] == "1"
 
 
+def test_run_with_patients_stages_an_anonymized_run_through_its_private_map(tmp_path, cmu_small, capsys):
+    slides = tmp_path / "slides"
+    slides.mkdir()
+    (slides / cmu_small.name).symlink_to(cmu_small)
+    original = cmu_small.name.rsplit(".", 1)[0]
+    patients = write_csv(tmp_path / "patients.csv", [("solo", original)])
+    out_dir = tmp_path / "anon"
+    assert main(["-q", "run", str(slides), "-o", str(out_dir), "--providers", "cpu", "--anonymize-ids",
+                 "--patients", str(patients)]) == 0
+    (row,) = csv.DictReader((out_dir / "stages.csv").open())
+    assert row["pn_stage"] != "incomplete" and row["n_nodes"] == "1" and not row["missing"]
+    for path in [out_dir / "stages.csv", *(out_dir / "patients").iterdir()]:
+        assert original not in path.read_text(), path  # the results folder names the anonymous id only
+    id_map = out_dir / "private" / "slide-ids.csv"
+    assert main(["stage", str(out_dir), "--patients", str(patients), "--id-map", str(id_map),
+                 "-o", str(tmp_path / "mapped.csv")]) == 0
+    assert main(["stage", str(out_dir), "--patients", str(patients), "-o", str(tmp_path / "unmapped.csv")]) == 1
+    assert next(csv.DictReader((tmp_path / "unmapped.csv").open()))["missing"] == original
+    assert main(["stage", str(out_dir), "--patients", str(patients), "--id-map", str(tmp_path / "none.csv")]) == 2
+    assert "missing or empty" in capsys.readouterr().err
+
+
 # --- agreement ------------------------------------------------------------------------------------
 
 def test_confusion_matrix_rows_are_truth():

@@ -345,13 +345,21 @@ def _cmd_run(args: argparse.Namespace) -> int:
           f"in {summary.seconds:.1f} s ({summary.workers} worker{'s' if summary.workers > 1 else ''}) -> {summary.path}")
     status = 1 if c["failed"] else 0
     if args.patients:
-        status = max(status, _stage(args.output, args.patients, None, None, quiet=args.quiet))
+        id_map = None
+        if config.outputs.anonymize_ids:  # the patients table names original slides, the results anonymous ids
+            from .batch.anonymize import ID_MAP_NAME
+
+            id_map = config.outputs.id_map or str(Path(args.output).expanduser() / ID_MAP_NAME)
+        status = max(status, _stage(args.output, args.patients, None, None, quiet=args.quiet, id_map=id_map))
     return status
 
 
-def _stage(results: str, patients_csv: str, output: str | None, reports: str | None, *, quiet: bool = False) -> int:
+def _stage(results: str, patients_csv: str, output: str | None, reports: str | None, *, quiet: bool = False,
+           id_map: str | None = None) -> int:
     """Stage every patient of ``patients_csv`` from the node reports in ``results``; write
-    STAGES.csv and the patient reports; 1 when a patient is incomplete, else 0."""
+    STAGES.csv and the patient reports; 1 when a patient is incomplete, else 0. With ``id_map``
+    (an anonymized run's private map), the table's slide ids are read under their anonymous ids."""
+    from .batch.anonymize import read_id_map
     from .errors import ConfigError
     from .staging import INCOMPLETE, read_patients, stage_patients, write_patient_reports, write_stages
 
@@ -359,7 +367,14 @@ def _stage(results: str, patients_csv: str, output: str | None, reports: str | N
         raise ConfigError(f"staging reads node reports from a local results folder, not {results!r}; "
                           "copy the SLIDE_ID.report.json files to a local folder and run wsiengine stage there")
     results_dir = Path(results).expanduser()
-    stages = stage_patients(read_patients(patients_csv), results_dir)
+    patients = read_patients(patients_csv)
+    if id_map is not None:
+        mapping = read_id_map(id_map)
+        if not mapping:
+            raise ConfigError(f"the private slide-id map '{id_map}' is missing or empty; stage with the map the "
+                              "anonymized run wrote (OUT/private/slide-ids.csv or its --id-map)")
+        patients = {p: [mapping.get(s.casefold(), s) for s in slides] for p, slides in patients.items()}
+    stages = stage_patients(patients, results_dir)
     out = Path(output).expanduser() if output else results_dir / "stages.csv"
     folder = Path(reports).expanduser() if reports else results_dir / "patients"
     with _output_lock(folder, "stage"):
@@ -381,7 +396,7 @@ def _stage(results: str, patients_csv: str, output: str | None, reports: str | N
 
 
 def _cmd_stage(args: argparse.Namespace) -> int:
-    return _stage(args.results, args.patients, args.output, args.reports, quiet=args.quiet)
+    return _stage(args.results, args.patients, args.output, args.reports, quiet=args.quiet, id_map=args.id_map)
 
 
 def _cmd_doctor(args: argparse.Namespace) -> int:
@@ -512,6 +527,8 @@ def build_parser() -> argparse.ArgumentParser:
     stage.add_argument("--patients", required=True, help="PATIENTS.csv with the columns patient_id,slide_id")
     stage.add_argument("-o", "--output", help="STAGES.csv to write (default: RESULTS/stages.csv)")
     stage.add_argument("--reports", help="folder for PATIENT_ID.patient.md/.json (default: RESULTS/patients)")
+    stage.add_argument("--id-map", dest="id_map", metavar="PATH",
+                       help="an anonymized run's private slide-id map: PATIENTS.csv names the original slides")
 
     report = command("report", "a slide report (Markdown + JSON + images) from result stores; optional VLM",
                      _cmd_report, sections=["report", "vlm"], names=["tile_threshold"])
