@@ -85,6 +85,10 @@ def test_folder_on_a_local_cluster_gives_the_right_rows(slide_folder, mpp_csv, c
     for sid in ("cmu-1-small-region", "a__cmu-1-small-region"):
         assert rows[sid]["status"] == "done" and int(rows[sid]["n_tiles"]) > 50
         assert rows[sid]["label"] in ("normal", "metastasis") and 0 <= float(rows[sid]["probability"]) <= 1
+        node = we.open_result(out / f"{sid}.zarr").node  # the node's category, as its report and store say
+        assert rows[sid]["category"] == node["category"] and rows[sid]["category"] in (
+            "negative", "itc", "micrometastasis", "macrometastasis", "indeterminate")
+        assert rows[sid]["largest_mm"] == ("" if node["largest_mm"] is None else f"{node['largest_mm']:.4f}")
         assert (out / f"{sid}.zarr").is_dir() and (out / f"{sid}.geojson").is_file() and (out / f"{sid}.heatmap.png").is_file()
     assert rows["b__corrupt"]["status"] == "failed" and "truncated" in rows["b__corrupt"]["error"]
     assert rows["b__tcga"]["status"] == "failed" and "MissingMppError" in rows["b__tcga"]["error"]
@@ -98,6 +102,7 @@ def test_folder_on_a_local_cluster_gives_the_right_rows(slide_folder, mpp_csv, c
     rows = _rows(out)
     assert rows["b__tcga"]["status"] == "done" and int(rows["b__tcga"]["n_tiles"]) > 0
     assert rows["cmu-1-small-region"]["status"] == "skipped" and rows["b__corrupt"]["status"] == "failed"
+    assert rows["cmu-1-small-region"]["category"] == we.open_result(out / "cmu-1-small-region.zarr").node["category"]
     assert again.counts == {"done": 1, "failed": 2, "skipped": 2}
     store = we.open_result(out / "b__tcga.zarr")
     assert store.slide["mpp"] == [0.5, 0.5] and store.slide["mpp_source"] == "user"

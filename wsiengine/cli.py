@@ -339,6 +339,8 @@ def _cmd_run(args: argparse.Namespace) -> int:
         for r in summary.rows:
             detail = r.error if r.status == "failed" else (
                 f"{r.label} p={r.probability:.3f}" if r.probability is not None else r.label)
+            if r.status != "failed" and r.category:
+                detail += f"  {r.category}" + (f" {r.largest_mm:.2f} mm" if r.largest_mm is not None else "")
             print(f"{r.slide_id:<{width}}  {r.status:<7}  {r.n_tiles if r.n_tiles is not None else '':>6}  {detail}")
     c = summary.counts
     print(f"{len(summary.rows)} slides: {c['done']} done, {c['skipped']} up to date, {c['failed']} failed "

@@ -92,6 +92,9 @@ class SlideResult:
     timings : dict[str, float]
         Seconds per stage (``open``, ``tissue``, ``tiling``, ``embed``, ``mil``, ``outputs``, ``report``,
         ``total``).
+    node : dict or None
+        The node's findings (category, largest_mm, foci, total_area_mm2, ...; the store's ``node``
+        attribute), None without a prediction.
     """
 
     slide_id: str
@@ -103,6 +106,7 @@ class SlideResult:
     n_tiles: int
     status: str
     timings: dict[str, float] = field(default_factory=dict)
+    node: dict[str, Any] | None = None
 
     @property
     def label(self) -> int | None:
@@ -402,7 +406,7 @@ class Pipeline:
                         f"p={prediction.probability:.3f} label={prediction.label}", timings["total"])
             return SlideResult(slide_id=sid, store=store_path, geojson=published.get(".geojson"),
                                overlay=published.get(".png"), report=published.get(".report"), prediction=prediction,
-                               n_tiles=len(grid), status=status, timings=timings)
+                               n_tiles=len(grid), status=status, timings=timings, node=node)
         finally:
             if own:
                 slide_obj.close()

@@ -106,7 +106,9 @@ def process_slide(entry: SlideEntry, out_dir: str, config: RunConfig, mpp: tuple
             out.publish(staging, entry.slide_id)
         label = pipe.mil.class_names[res.label] if res.prediction is not None else (
             "no tissue" if res.status == "no_tissue" else "")
+        node = res.node or {}
         return SummaryRow(entry.slide_id, entry.shown_path, "done", label=label, probability=res.probability,
+                          category=str(node.get("category") or ""), largest_mm=node.get("largest_mm"),
                           n_tiles=res.n_tiles, seconds=time.perf_counter() - started)
     except Exception as exc:  # noqa: BLE001 - one bad slide never stops the batch
         text = redact(entry, _error_text(exc, out_dir))
@@ -185,8 +187,11 @@ def _complete_result(store: str, key: str, entry: SlideEntry, mpp: tuple[float, 
     if out is not None and any(isinstance(n, str) and out.read_bytes_size(n) is None for n in recorded):
         return None
     pred = result.prediction or {}
+    node = result.node or {}
+    largest = node.get("largest_mm")
     return SummaryRow(result.path.name.removesuffix(".zarr"), entry.shown_path, "skipped", label=pred.get("label_name", ""),
-                      probability=pred.get("probability"), n_tiles=result.n_tiles,
+                      probability=pred.get("probability"), category=str(node.get("category") or ""),
+                      largest_mm=float(largest) if isinstance(largest, (int, float)) else None, n_tiles=result.n_tiles,
                       seconds=(result.timings or {}).get("total"))
 
 

@@ -18,9 +18,10 @@ __all__ = ["SUMMARY_NAME", "SUMMARY_FIELDS", "FAILURES_NAME", "SummaryRow", "Bat
            "write_summary", "failure_inputs", "read_failures", "write_failures"]
 
 SUMMARY_NAME = "summary.csv"
-SUMMARY_FIELDS = ("slide_id", "path", "status", "label", "probability", "n_tiles", "seconds", "error")
+SUMMARY_FIELDS = ("slide_id", "path", "status", "label", "probability", "category", "largest_mm", "n_tiles", "seconds",
+                  "error")
 #: Text columns a spreadsheet could take as a formula; escaped on write (:func:`_escape_cell`).
-_TEXT_FIELDS = ("slide_id", "path", "status", "label", "error")
+_TEXT_FIELDS = ("slide_id", "path", "status", "label", "category", "error")
 #: First characters that make a spreadsheet cell a formula (OWASP CSV injection), fullwidth forms included;
 #: a newline too, as a carriage return may be read back as one.
 _FORMULA_STARTS = frozenset("=+-@\t\r\n\uff1d\uff0b\uff0d\uff20")
@@ -37,6 +38,8 @@ class SummaryRow:
     status: str  # done | failed | skipped
     label: str = ""
     probability: float | None = None
+    category: str = ""  # the node's: negative, itc, micrometastasis, macrometastasis, indeterminate
+    largest_mm: float | None = None
     n_tiles: int | None = None
     seconds: float | None = None
     error: str = ""
@@ -44,6 +47,7 @@ class SummaryRow:
     def as_csv(self) -> dict[str, Any]:
         row = asdict(self)
         row["probability"] = "" if self.probability is None else f"{self.probability:.6f}"
+        row["largest_mm"] = "" if self.largest_mm is None else f"{self.largest_mm:.4f}"
         row["n_tiles"] = "" if self.n_tiles is None else self.n_tiles
         row["seconds"] = "" if self.seconds is None else f"{self.seconds:.2f}"
         for name in _TEXT_FIELDS:
@@ -98,6 +102,7 @@ def read_summary(path: str | os.PathLike[str] | ResultsLocation) -> list[Summary
         rows.append(SummaryRow(
             slide_id=r["slide_id"], path=r["path"], status=r["status"], label=r.get("label", "") or "",
             probability=float(r["probability"]) if r.get("probability") else None,
+            category=r.get("category", "") or "", largest_mm=float(r["largest_mm"]) if r.get("largest_mm") else None,
             n_tiles=int(r["n_tiles"]) if r.get("n_tiles") else None,
             seconds=float(r["seconds"]) if r.get("seconds") else None, error=r.get("error", "") or ""))
     return rows
