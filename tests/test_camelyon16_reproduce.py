@@ -13,10 +13,8 @@ from __future__ import annotations
 
 import contextlib
 import csv
-import importlib.util
 import io
 import json
-import sys
 import time
 from pathlib import Path
 
@@ -28,7 +26,9 @@ pytest.importorskip("onnx")
 pytest.importorskip("matplotlib")
 
 from wsiengine import MILHead, open_store, read_features  # noqa: E402
-from wsiengine.testing import Ellipse, make_pyramidal_slide  # noqa: E402
+
+from ._standin import load_script as _load_script  # noqa: E402
+from ._standin import make_standin_slide  # noqa: E402
 
 SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "camelyon16_reproduce.py"
 N_NORMAL, N_TUMOR = 6, 6
@@ -38,39 +38,11 @@ BUDGET = 12  # tiles per slide in the stand-in run, below most slides' tissue ti
 
 def load_script():
     """The script as a module (benchmarks/ is not a package)."""
-    name = "camelyon16_reproduce"
-    if name in sys.modules:
-        return sys.modules[name]
-    spec = importlib.util.spec_from_file_location(name, SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[name] = module  # dataclasses look their module up while the class is built
-    spec.loader.exec_module(module)
-    return module
-
-
-def he_texture(seed: int, tumour: bool, size: int = 384) -> np.ndarray:
-    """An (H, W, 3) uint8 H&E-like texture: pink stroma with sparse small nuclei (normal) or
-    dense large ones (tumour). Drawn with NumPy only."""
-    rng = np.random.default_rng(seed)
-    stroma = np.array([200, 120, 190]) if tumour else np.array([225, 135, 185])
-    image = stroma + rng.normal(0, 8, (size, size, 3))
-    seeds = rng.random((size, size)) < (0.02 if tumour else 0.004)
-    radius = 3 if tumour else 1
-    nuclei = np.zeros_like(seeds)
-    for dy in range(-radius, radius + 1):
-        for dx in range(-radius, radius + 1):
-            if dy * dy + dx * dx <= radius * radius:
-                nuclei |= np.roll(seeds, (dy, dx), axis=(0, 1))
-    image[nuclei] = np.array([95, 55, 150]) + rng.normal(0, 10, (int(nuclei.sum()), 3))
-    return np.clip(image, 0, 255).astype(np.uint8)
+    return _load_script(SCRIPT)
 
 
 def make_slide(path: Path, seed: int, tumour: bool) -> None:
-    rng = np.random.default_rng(seed)
-    blob = Ellipse(768 + rng.uniform(-60, 60), 768 + rng.uniform(-60, 60), rng.uniform(460, 600),
-                   rng.uniform(460, 600), angle=rng.uniform(0, np.pi), wobble=((3, 0.05, rng.uniform(0, 6)),))
-    make_pyramidal_slide(path, width=1536, height=1536, mpp=0.5, levels=(1, 4), tile=256,
-                         source=he_texture(seed, tumour), tissue=[blob], seed=seed, workers=1)
+    make_standin_slide(path, seed, tumour, side=1536, jitter=60, radii=(460, 600))
 
 
 @pytest.fixture(scope="module")

@@ -15,19 +15,18 @@ from __future__ import annotations
 
 import contextlib
 import csv
-import importlib.util
 import io
 import json
 import os
-import sys
 import time
 from pathlib import Path
 
-import numpy as np
 import pytest
 
 from wsiengine.evaluate import NODE_LABELS, PN_LABELS, quadratic_weighted_kappa
-from wsiengine.testing import Ellipse, make_pyramidal_slide
+
+from ._standin import load_script as _load_script  # noqa: E402
+from ._standin import make_standin_slide  # noqa: E402
 
 SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "camelyon17_reproduce.py"
 
@@ -44,39 +43,11 @@ CORRUPT = "patient_060_node_2"     # not a TIFF
 
 def load_script():
     """The script as a module (benchmarks/ is not a package)."""
-    name = "camelyon17_reproduce"
-    if name in sys.modules:
-        return sys.modules[name]
-    spec = importlib.util.spec_from_file_location(name, SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[name] = module  # dataclasses look their module up while the class is built
-    spec.loader.exec_module(module)
-    return module
-
-
-def he_texture(seed: int, tumour: bool, size: int = 384) -> np.ndarray:
-    """An (H, W, 3) uint8 H&E-like texture: pink stroma with sparse small nuclei (negative) or
-    dense large ones (tumour). Drawn with NumPy only."""
-    rng = np.random.default_rng(seed)
-    stroma = np.array([200, 120, 190]) if tumour else np.array([225, 135, 185])
-    image = stroma + rng.normal(0, 8, (size, size, 3))
-    seeds = rng.random((size, size)) < (0.02 if tumour else 0.004)
-    radius = 3 if tumour else 1
-    nuclei = np.zeros_like(seeds)
-    for dy in range(-radius, radius + 1):
-        for dx in range(-radius, radius + 1):
-            if dy * dy + dx * dx <= radius * radius:
-                nuclei |= np.roll(seeds, (dy, dx), axis=(0, 1))
-    image[nuclei] = np.array([95, 55, 150]) + rng.normal(0, 10, (int(nuclei.sum()), 3))
-    return np.clip(image, 0, 255).astype(np.uint8)
+    return _load_script(SCRIPT)
 
 
 def make_slide(path: Path, seed: int, tumour: bool) -> None:
-    rng = np.random.default_rng(seed)
-    blob = Ellipse(640 + rng.uniform(-40, 40), 640 + rng.uniform(-40, 40), rng.uniform(380, 480),
-                   rng.uniform(380, 480), angle=rng.uniform(0, np.pi), wobble=((3, 0.05, rng.uniform(0, 6)),))
-    make_pyramidal_slide(path, width=1280, height=1280, mpp=0.5, levels=(1, 4), tile=256,
-                         source=he_texture(seed, tumour), tissue=[blob], seed=seed, workers=1)
+    make_standin_slide(path, seed, tumour, side=1280, jitter=40, radii=(380, 480))
 
 
 def labels_text(truth=NODE_TRUTH, stages=STAGE_TRUTH) -> str:
