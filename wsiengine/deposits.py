@@ -260,10 +260,13 @@ def deposit_tiles(grid: TileGrid, probabilities: np.ndarray, rules: DepositRules
     lattice[rows[member], cols[member]] = True
     labels, _ = label_components(lattice, connectivity=2)
     tile_label = np.where(member, labels[rows, cols], 0)
-    seeded = np.unique(tile_label[seed & member])
+    seeded = np.zeros(int(tile_label.max()) + 1, bool)
+    seeded[tile_label[seed & member]] = True
+    seeded[0] = False
+    candidates = np.flatnonzero(seeded[tile_label])  # tiles of seeded components, grouped by label below
+    order = candidates[np.argsort(tile_label[candidates], kind="stable")]
     out = []
-    for label in seeded[seeded > 0]:
-        tiles = np.flatnonzero(tile_label == label)
+    for tiles in np.split(order, np.flatnonzero(np.diff(tile_label[order])) + 1) if order.size else []:
         if tiles.size >= rules.min_tiles or confident[tiles].any():
             out.append(tiles)
     return out, smoothed
@@ -299,9 +302,7 @@ def find_deposits(grid: TileGrid, probabilities: np.ndarray, mpp: tuple[float, f
     p = np.nan_to_num(np.asarray(probabilities, np.float64).reshape(-1), nan=0.0)
     found: list[tuple[np.ndarray, MultiPolygon, float, float]] = []
     for tiles in groups:
-        indicator = np.zeros(len(grid))
-        indicator[tiles] = 1.0
-        outline = tumour_regions(grid, indicator, 0.5)
+        outline = tumour_regions(grid.subset(tiles), np.ones(tiles.size), 0.5)
         area_mm2 = float(outline.area) * mpp_xy[0] * mpp_xy[1] / 1e6
         found.append((tiles, outline, feret_mm(grid, tiles, mpp_xy), area_mm2))
     found.sort(key=lambda f: (-f[2], -f[3], int(f[0][0])))
