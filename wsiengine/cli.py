@@ -397,6 +397,26 @@ def _stage(results: str, patients_csv: str, output: str | None, reports: str | N
     return 1 if incomplete else 0
 
 
+def _cmd_view(args: argparse.Namespace) -> int:
+    from .view import ViewServer
+
+    server = ViewServer(args.results, slides_dir=args.slides, host=args.host, port=args.port)
+    print(f"wsiengine view: {server.url}  ({len(server.catalog.slides)} slides from {server.catalog.results}; "
+          "Ctrl-C stops)", flush=True)
+    if server.token is not None:
+        print(f"listening on {args.host}, not loopback: anyone who can reach it needs the token in that URL",
+              file=sys.stderr)
+    if args.open:
+        import webbrowser
+
+        webbrowser.open(server.url)
+    try:
+        server.serve_forever()
+    except KeyboardInterrupt:
+        pass
+    return 0
+
+
 def _cmd_stage(args: argparse.Namespace) -> int:
     return _stage(args.results, args.patients, args.output, args.reports, quiet=args.quiet, id_map=args.id_map)
 
@@ -522,6 +542,15 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--patients", help="PATIENTS.csv (patient_id,slide_id): stage each patient at the end "
                                         "(OUT/stages.csv, OUT/patients/)")
     settings(run)
+
+    view = command("view", "the results in a browser: slides, heatmaps, regions and reports side by side "
+                           "(read-only; loopback unless --host)", _cmd_view)
+    view.add_argument("results", help="results folder of `wsiengine run`")
+    view.add_argument("--slides", metavar="DIR", help="folder holding the slide files, when not where the run found them")
+    view.add_argument("--host", default="127.0.0.1",
+                      help="address to listen on (default 127.0.0.1; any other address adds an access token to the URL)")
+    view.add_argument("--port", type=int, default=8765, help="TCP port (default 8765; 0 picks a free one)")
+    view.add_argument("--open", action="store_true", help="open the index in the default web browser")
 
     stage = command("stage", "patient pN stages (CAMELYON17 rules) from the node reports of a results folder",
                     _cmd_stage)
