@@ -104,7 +104,7 @@ def slide_detail(entry: ViewSlide, store: Any | None, deepzoom: Any | None) -> d
                              "image": f"/evidence/{entry.slide_id}/{rank}.png" if image else None})
         deposits = f.get("deposits") if isinstance(f.get("deposits"), dict) else {}
         out["report"] = {
-            "narrative": report.get("narrative") if isinstance(report.get("narrative"), str) else "",
+            "narrative": _narrative(report.get("narrative")),
             "metastasis": f.get("metastasis"), "category": f.get("category"),
             "deposits": {k: deposits.get(k) for k in ("foci", "largest_mm", "size_uncertainty_mm", "total_area_mm2",
                                                       "tile_size_mm")},
@@ -114,6 +114,13 @@ def slide_detail(entry: ViewSlide, store: Any | None, deepzoom: Any | None) -> d
             "disclaimer": report.get("disclaimer") if isinstance(report.get("disclaimer"), str) else "",
         }
     return out
+
+
+def _narrative(value: Any) -> str:
+    """The report's narrative text (``{"text", "source", ...}``; a plain string in older reports)."""
+    if isinstance(value, dict):
+        value = value.get("text")
+    return value if isinstance(value, str) else ""
 
 
 def patient_detail(doc: Any, catalog: Any) -> dict[str, Any]:
