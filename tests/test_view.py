@@ -299,3 +299,49 @@ def test_wsiengine_view_serves_until_stopped(view_results):
     finally:
         process.terminate()
         process.wait(timeout=30)
+
+
+class _OneLevelSlide:
+    """A 16384 x 12288 slide stored with one level whose reads are recorded (and refused when huge)."""
+
+    dimensions = (16384, 12288)
+    level_downsamples = (1.0,)
+    level_dimensions = ((16384, 12288),)
+
+    def __init__(self) -> None:
+        self.reads: list[tuple[int, int]] = []
+
+    def read_region(self, location, level, size):
+        self.reads.append(tuple(size))
+        assert size[0] * size[1] <= 4096 * 4096, f"read {size} of the whole slide"
+        return np.full((size[1], size[0], 3), 200, np.uint8)
+
+    def close(self) -> None:
+        pass
+
+
+def test_zoomed_out_tiles_of_a_one_level_slide_come_from_the_overview(tmp_path):
+    from wsiengine.view.tiles import Overview
+
+    slide = _OneLevelSlide()
+    cache = ReaderCache(opener=lambda path: slide)
+    dz = cache.deepzoom(tmp_path / "x.tif")
+    assert dz.max_level == 14
+    # the stored thumbnail: 32 level-0 px per pixel, a left-to-right gradient
+    gradient = np.broadcast_to(np.linspace(0, 255, 512).astype(np.uint8)[None, :, None], (384, 512, 3)).copy()
+    overview = Overview(gradient, (32.0, 32.0))
+    calls = []
+
+    def give():
+        calls.append(1)
+        return overview
+
+    whole = cache.tile(tmp_path / "x.tif", 7, 0, 0, overview=give)  # 1/128: the whole slide in one tile
+    assert whole.shape == (96, 128, 3) and not slide.reads and calls
+    assert cache.tile(tmp_path / "x.tif", 9, 1, 1, overview=give).shape == (131, 256, 3) and not slide.reads
+    assert whole[:, 0].mean() < 10 and whole[:, -1].mean() > 245  # the overview's pixels
+    near = cache.tile(tmp_path / "x.tif", 13, 1, 1, overview=give)  # 1/2: read from the slide
+    assert near.shape == (256, 256, 3) and slide.reads == [(512, 512)]
+    # between the two (1/16: a 16x shrink, but the overview is coarser than the tile): the slide
+    mid = cache.tile(tmp_path / "x.tif", 10, 0, 0, overview=give)
+    assert mid.shape == (255, 255, 3) and slide.reads[-1] == (4080, 4080)

@@ -34,7 +34,7 @@ from urllib.parse import parse_qs
 import numpy as np
 
 from .catalog import SAFE_ID, Catalog, ViewSlide, read_json_file
-from .tiles import ReaderCache, encode_jpeg, encode_png
+from .tiles import Overview, ReaderCache, encode_jpeg, encode_png
 
 __all__ = ["ViewerApp", "CONTENT_SECURITY_POLICY", "TOKEN_COOKIE"]
 
@@ -302,8 +302,26 @@ class ViewerApp:
         lv, c, r = int(level), int(col), int(row)
         if not deepzoom.exists(lv, c, r):
             raise HTTPError(HTTPStatus.NOT_FOUND, "no such tile")
-        body = encode_jpeg(self.readers.tile(path, lv, c, r))
+        entry = self.catalog.slides[slide_id]
+        body = encode_jpeg(self.readers.tile(path, lv, c, r, overview=lambda: self._overview(entry)))
         return self._image(body, "image/jpeg", self._etag("tile", self._version(path), lv, c, r))
+
+    def _overview(self, entry: ViewSlide) -> Overview | None:
+        """The store's thumbnail as a whole-slide overview (None without one)."""
+        if entry.store is None:
+            return None
+
+        def make() -> Overview | None:
+            store = self._store(entry)
+            image = store.thumbnail
+            if image is None:
+                return None
+            scale = store.array_attrs("thumbnail").get("level0_per_px") or [None, None]
+            if not all(isinstance(v, (int, float)) and v > 0 for v in scale):
+                return None
+            return Overview(np.ascontiguousarray(image[..., :3]), (float(scale[0]), float(scale[1])))
+
+        return self._images.get(("overview", entry.slide_id, self._version(entry.store / "zarr.json")), make)
 
     def _heatmap(self, slide_id: str, name: str):
         from .data import heatmap_rgba

@@ -15,12 +15,13 @@ import logging
 import os
 import secrets
 import threading
-from pathlib import Path
+
+import numpy as np
 
 from ..errors import ConfigError
 from .app import ViewerApp
 from .catalog import Catalog
-from .tiles import ReaderCache
+from .tiles import ReaderCache, encode_jpeg
 
 __all__ = ["ViewServer", "is_loopback"]
 
@@ -79,6 +80,8 @@ class ViewServer:
             self.app.allowed_hosts = {f"{shown}:{self.port}", f"localhost:{self.port}", f"127.0.0.1:{self.port}",
                                       f"[::1]:{self.port}"}
         self._thread: threading.Thread | None = None
+        self._closed = False
+        encode_jpeg(np.zeros((8, 8, 3), np.uint8))  # the first JPEG encode loads the codec: not on a user's tile
 
     @property
     def url(self) -> str:
@@ -100,14 +103,27 @@ class ViewServer:
         self._thread.start()
         return self
 
+    def _close_channels(self) -> None:
+        """Close the listening socket, the trigger and every open connection: the serving loop
+        ends when none is left. Runs in the loop's own thread (or when no loop runs)."""
+        for channel in list(self._server._map.values()):
+            try:
+                channel.close()
+            except OSError:
+                pass
+
     def close(self) -> None:
-        try:
-            self._server.close()
-        except Exception:  # noqa: BLE001 - closing twice
-            pass
-        self._server.task_dispatcher.shutdown()
-        if self._thread is not None:
-            self._thread.join(timeout=5)
+        """Stop serving: the loop closes its own sockets (closing them from another thread would
+        race with it), in-flight requests finish, the slides are closed."""
+        if self._closed:
+            return
+        self._closed = True
+        if self._thread is not None and self._thread.is_alive():
+            self._server.trigger.pull_trigger(self._close_channels)
+            self._thread.join(timeout=10)
+        else:
+            self._close_channels()
+        self._server.task_dispatcher.shutdown(timeout=10)
         self.readers.close()
 
     def __enter__(self) -> "ViewServer":

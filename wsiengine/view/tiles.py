@@ -5,7 +5,9 @@ Deep-zoom level ``L`` of a ``W`` x ``H`` slide is the slide shrunk by ``2 ** (ma
 (``max_level = ceil(log2(max(W, H)))``, so level ``max_level`` is level 0 of the slide); tiles
 are 254 px with a 1-px overlap (256 px at most), JPEG. Each tile is read from the pyramid level
 whose downsample is the largest not above the tile's, then shrunk by area averaging: one read,
-one resample. Only the slide's pyramid is ever read: its label and macro images are not.
+one resample. Far below the coarsest level (a slide stored with one level, seen whole), tiles are
+cut from the result store's overview image instead, so no zoom reads the whole slide at full
+resolution. Only the slide's pyramid is ever read: its label and macro images are not.
 """
 
 from __future__ import annotations
@@ -22,7 +24,8 @@ import numpy as np
 
 from ..slide import Slide, open_slide
 
-__all__ = ["TILE_PX", "OVERLAP_PX", "DeepZoom", "ReaderCache", "encode_jpeg", "encode_png"]
+__all__ = ["TILE_PX", "OVERLAP_PX", "OVERVIEW_SHRINK", "DeepZoom", "Overview", "ReaderCache", "encode_jpeg",
+           "encode_png"]
 
 TILE_PX = 254
 OVERLAP_PX = 1
@@ -108,16 +111,48 @@ class DeepZoom:
         rh = max(1, min(math.ceil((y1 - y0) / d), lh - ry))
         return best, (int(x0), int(y0)), (rw, rh), out
 
+    def shrink(self, level: int, col: int, row: int) -> float:
+        """How many times the pyramid read is larger than the tile (1: a level matches)."""
+        _, _, size, out = self.read_plan(level, col, row)
+        return max(size[0] / max(1, out[0]), size[1] / max(1, out[1]))
+
     def tile(self, slide: Slide, level: int, col: int, row: int) -> np.ndarray:
         """The tile's RGB pixels, ``(h, w, 3)`` uint8."""
-        from PIL import Image
-
         best, origin, size, out = self.read_plan(level, col, row)
-        image = slide.read_region(origin, best, size)
-        if (image.shape[1], image.shape[0]) != out:
-            resample = Image.Resampling.BOX if image.shape[1] > out[0] else Image.Resampling.BILINEAR
-            image = np.asarray(Image.fromarray(image).resize(out, resample))
+        return _fit(slide.read_region(origin, best, size), out)
+
+    def tile_from_overview(self, overview: "Overview", level: int, col: int, row: int) -> np.ndarray:
+        """The tile cut from a whole-slide overview image (for zooms far below the slide's
+        coarsest pyramid level, where a read would cover the slide at full resolution)."""
+        (x0, y0, x1, y1), out = self.tile_region(level, col, row)
+        px, py = overview.level0_per_px
+        h, w = overview.image.shape[:2]
+        c0, r0 = min(w - 1, int(x0 / px)), min(h - 1, int(y0 / py))
+        c1, r1 = max(c0 + 1, min(w, math.ceil(x1 / px))), max(r0 + 1, min(h, math.ceil(y1 / py)))
+        return _fit(np.ascontiguousarray(overview.image[r0:r1, c0:c1, :3]), out)
+
+
+@dataclass(frozen=True, eq=False)
+class Overview:
+    """A whole-slide image at ``level0_per_px`` level-0 pixels per pixel (x, y): the result
+    store's thumbnail, made by the run's tissue step."""
+
+    image: np.ndarray
+    level0_per_px: tuple[float, float]
+
+
+#: A tile is cut from the overview when the pyramid read would be this many times larger.
+OVERVIEW_SHRINK = 8
+
+
+def _fit(image: np.ndarray, out: tuple[int, int]) -> np.ndarray:
+    """``image`` resized to ``out`` (w, h): area averaging when shrinking, bilinear when enlarging."""
+    from PIL import Image
+
+    if (image.shape[1], image.shape[0]) == out:
         return image
+    resample = Image.Resampling.BOX if image.shape[1] > out[0] else Image.Resampling.BILINEAR
+    return np.asarray(Image.fromarray(image).resize(out, resample))
 
 
 class _Reader:
@@ -175,8 +210,18 @@ class ReaderCache:
         """The slide's deep-zoom pyramid (opening it if needed)."""
         return self._get(path).deepzoom
 
-    def tile(self, path: Path, level: int, col: int, row: int) -> np.ndarray:
-        """One deep-zoom tile of the slide at ``path`` (see :meth:`DeepZoom.tile`)."""
+    def tile(self, path: Path, level: int, col: int, row: int, overview: Callable[[], Overview | None] | None = None
+             ) -> np.ndarray:
+        """One deep-zoom tile of the slide at ``path`` (see :meth:`DeepZoom.tile`). When the pyramid
+        read would be more than :data:`OVERVIEW_SHRINK` times the tile (a slide without coarse
+        levels, seen whole) and ``overview()`` gives an image at least as fine as the tile, the
+        tile is cut from it instead: no read of the whole slide at full resolution."""
+        deepzoom = self.deepzoom(path)
+        if overview is not None and deepzoom.shrink(level, col, row) > OVERVIEW_SHRINK:
+            image = overview()
+            scale = 2 ** (deepzoom.max_level - level)
+            if image is not None and max(image.level0_per_px) <= scale * 1.0001:
+                return deepzoom.tile_from_overview(image, level, col, row)
         for _ in range(3):
             reader = self._get(path)
             with reader.lock:

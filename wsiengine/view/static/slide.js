@@ -31,6 +31,8 @@
     gestureSettingsMouse: { clickToZoom: false },
     animationTime: 0.4,
     maxZoomPixelRatio: 2,
+    maxTilesPerFrame: 6, // OpenSeadragon asks for one new tile per frame by default: slow first screens
+    imageLoaderLimit: 8,
   });
   state.viewer = viewer;
 
