@@ -148,7 +148,8 @@ class ViewerApp:
         self.readers = readers or ReaderCache()
         self.static = _static_files()
         self._stores = _LRU(16)
-        self._images = _LRU(64)
+        self._images = _LRU(64)  # encoded PNGs (thumbnails, heatmaps): tens of KB each
+        self._overviews = _LRU(4)  # decoded store thumbnails: a few MB each
 
     # -- WSGI ---------------------------------------------------------------------------------
     def __call__(self, environ: dict[str, Any], start_response: Callable) -> Iterable[bytes]:
@@ -321,7 +322,7 @@ class ViewerApp:
                 return None
             return Overview(np.ascontiguousarray(image[..., :3]), (float(scale[0]), float(scale[1])))
 
-        return self._images.get(("overview", entry.slide_id, self._version(entry.store / "zarr.json")), make)
+        return self._overviews.get((entry.slide_id, self._version(entry.store / "zarr.json")), make)
 
     def _heatmap(self, slide_id: str, name: str):
         from .data import heatmap_rgba
