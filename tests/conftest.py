@@ -221,4 +221,28 @@ def require_tissue_source() -> None:
 
 
 __all__ = ["SAMPLE_SLIDE", "SAMPLE_SLIDE_FETCHED", "data_file", "data_params", "describe", "missing_reason", "where_from", "record_read_sizes",
-           "require_tissue_source", "sample_region", "shared_file", "write_coarse_slide", "write_no_mpp_slide"]
+           "require_tissue_source", "sample_region", "shared_file", "write_coarse_slide", "write_no_mpp_slide", "VIEW_SLIDE"]
+
+
+#: The slide of the viewer's results folder (:func:`view_results`).
+VIEW_SLIDE = "cmu-1-small-region"
+
+
+@pytest.fixture(scope="session")
+def view_results(tmp_path_factory, cmu_small) -> Path:
+    """A results folder of the sample slide with deposits (loose rules), staged as one patient,
+    plus a failed slide's summary row."""
+    root = tmp_path_factory.mktemp("view")
+    slides = root / "slides"
+    slides.mkdir()
+    (slides / cmu_small.name).symlink_to(cmu_small)
+    (slides / "broken.svs").write_bytes(b"not a slide")
+    patients = root / "patients.csv"
+    patients.write_text(f"patient_id,slide_id\npatient_a,{VIEW_SLIDE}\n")
+    out = root / "results"
+    from wsiengine.cli import main
+
+    main(["-q", "run", str(slides), "-o", str(out), "--providers", "cpu", "--tile-threshold", "0.05",
+          "--seed-threshold", "0.1", "--smoothing", "0", "--patients", str(patients)])
+    assert (out / f"{VIEW_SLIDE}.zarr").is_dir() and (out / "patients" / "patient_a.patient.json").is_file()
+    return out

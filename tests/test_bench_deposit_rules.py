@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import importlib.util
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -12,6 +10,7 @@ import shapely
 
 from wsiengine.deposits import DepositRules
 
+from ._scripts import load_script
 from .test_deposits import full_grid
 
 SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "bench_deposit_rules.py"
@@ -19,11 +18,7 @@ SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "bench_deposit_rul
 
 @pytest.fixture(scope="module")
 def bench():
-    spec = importlib.util.spec_from_file_location("bench_deposit_rules", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules["bench_deposit_rules"] = module
-    spec.loader.exec_module(module)
-    return module
+    return load_script(SCRIPT)
 
 
 def test_measure_scores_iou_size_and_negative_foci(bench):

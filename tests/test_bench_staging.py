@@ -4,9 +4,7 @@ tiny real run."""
 from __future__ import annotations
 
 import csv
-import importlib.util
 import json
-import sys
 from pathlib import Path
 
 import pytest
@@ -14,6 +12,7 @@ import pytest
 from wsiengine.staging import pn_stage
 from wsiengine.testing.nodes import STAGES, category_of, plan_patients
 
+from ._scripts import load_script
 from .conftest import shared_file
 
 SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "bench_staging.py"
@@ -21,11 +20,7 @@ SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "bench_staging.py"
 
 @pytest.fixture(scope="module")
 def bench():
-    spec = importlib.util.spec_from_file_location("bench_staging", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules["bench_staging"] = module
-    spec.loader.exec_module(module)
-    return module
+    return load_script(SCRIPT)
 
 
 def test_planned_patients_have_five_nodes_and_their_target_stage():

@@ -9,7 +9,7 @@ import shutil
 from pathlib import Path
 
 
-from ._standin import load_script
+from ._scripts import load_script
 
 SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "bench_view.py"
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")

@@ -11,11 +11,8 @@ runs end to end and reports what it promises.
 
 from __future__ import annotations
 
-import contextlib
 import csv
-import io
 import json
-import time
 from pathlib import Path
 
 import numpy as np
@@ -27,8 +24,8 @@ pytest.importorskip("matplotlib")
 
 from wsiengine import MILHead, open_store, read_features  # noqa: E402
 
-from ._standin import load_script as _load_script  # noqa: E402
-from ._standin import make_standin_slide  # noqa: E402
+from ._scripts import load_script as _load_script  # noqa: E402
+from ._scripts import make_standin_slide, run_main  # noqa: E402
 
 SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "camelyon16_reproduce.py"
 N_NORMAL, N_TUMOR = 6, 6
@@ -65,14 +62,6 @@ def standin(tmp_path_factory) -> Path:
         rows.append(f"{slide_id},Tumor,Macro,Primary" if label == "Tumor" else f"{slide_id},Normal,,")
     (root / "testing" / "reference.csv").write_text("\n".join(rows) + "\n")
     return root
-
-
-def run_main(script, argv: list[str]) -> tuple[int, str, str, float]:
-    out, err = io.StringIO(), io.StringIO()
-    started = time.perf_counter()
-    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
-        rc = script.main(argv)
-    return rc, out.getvalue(), err.getvalue(), time.perf_counter() - started
 
 
 @pytest.fixture(scope="module")

@@ -13,20 +13,17 @@ real pipeline runs end to end, that a node without a result makes its patient ``
 
 from __future__ import annotations
 
-import contextlib
 import csv
-import io
 import json
 import os
-import time
 from pathlib import Path
 
 import pytest
 
 from wsiengine.evaluate import NODE_LABELS, PN_LABELS, quadratic_weighted_kappa
 
-from ._standin import load_script as _load_script  # noqa: E402
-from ._standin import make_standin_slide  # noqa: E402
+from ._scripts import load_script as _load_script  # noqa: E402
+from ._scripts import make_standin_slide, run_main  # noqa: E402
 
 SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "camelyon17_reproduce.py"
 
@@ -83,14 +80,6 @@ def standin(tmp_path_factory) -> Path:
     (root / "training" / "center_0" / "readme.txt").write_text("CC0")
     (root / "training" / "stage_labels.csv").write_text(labels_text())
     return root
-
-
-def run_main(script, argv: list[str]) -> tuple[int, str, str, float]:
-    out, err = io.StringIO(), io.StringIO()
-    started = time.perf_counter()
-    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
-        rc = script.main(argv)
-    return rc, out.getvalue(), err.getvalue(), time.perf_counter() - started
 
 
 def read_csv(path: Path) -> list[dict[str, str]]:

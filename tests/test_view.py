@@ -17,25 +17,7 @@ from wsiengine.cli import main
 from wsiengine.view import CONTENT_SECURITY_POLICY, DeepZoom, ReaderCache, ViewServer
 from wsiengine.view.catalog import Catalog
 
-SLIDE = "cmu-1-small-region"
-
-
-@pytest.fixture(scope="session")
-def view_results(tmp_path_factory, cmu_small) -> Path:
-    """A results folder of the sample slide with deposits (loose rules), staged as one patient,
-    plus a failed slide's summary row."""
-    root = tmp_path_factory.mktemp("view")
-    slides = root / "slides"
-    slides.mkdir()
-    (slides / cmu_small.name).symlink_to(cmu_small)
-    (slides / "broken.svs").write_bytes(b"not a slide")
-    patients = root / "patients.csv"
-    patients.write_text(f"patient_id,slide_id\npatient_a,{SLIDE}\n")
-    out = root / "results"
-    main(["-q", "run", str(slides), "-o", str(out), "--providers", "cpu", "--tile-threshold", "0.05",
-          "--seed-threshold", "0.1", "--smoothing", "0", "--patients", str(patients)])
-    assert (out / f"{SLIDE}.zarr").is_dir() and (out / "patients" / "patient_a.patient.json").is_file()
-    return out
+from .conftest import VIEW_SLIDE as SLIDE
 
 
 @pytest.fixture(scope="module")

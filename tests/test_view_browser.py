@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from .test_view import SLIDE, request, view_results  # noqa: F401 - the session fixture
+from .test_view import SLIDE, request
 
 pytest.importorskip("playwright.sync_api", reason="needs playwright (pip install -e '.[test]')")
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
@@ -25,7 +25,7 @@ pytestmark = pytest.mark.skipif(CHROMIUM is None, reason="needs Debian's chromiu
 
 
 @pytest.fixture(scope="module")
-def server(view_results):  # noqa: F811
+def server(view_results):
     from wsiengine.view import ViewServer
 
     with ViewServer(view_results, port=0) as srv:

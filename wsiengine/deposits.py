@@ -42,7 +42,7 @@ from .geojson import max_diameter, tumour_regions
 from .kernels import label_components
 from .tiling import TileGrid
 
-__all__ = ["DepositRules", "Deposit", "DepositMap", "find_deposits", "deposit_tiles", "feret_mm", "tile_lattice",
+__all__ = ["DepositRules", "Deposit", "DepositMap", "find_deposits", "deposit_tiles", "feret_mm", "tile_side_mm", "tile_lattice",
            "smooth_on_lattice", "rules_from_slide_labels"]
 
 
@@ -238,6 +238,12 @@ def smooth_on_lattice(values: np.ndarray, rows: np.ndarray, cols: np.ndarray, we
     return num[rows + 1, cols + 1] / den[rows + 1, cols + 1]
 
 
+def tile_side_mm(grid: TileGrid, mpp: tuple[float, float] | float) -> float:
+    """The longer side of one tile at level 0, mm (the size uncertainty of every deposit)."""
+    mpp_xy = (float(mpp), float(mpp)) if np.isscalar(mpp) else (float(mpp[0]), float(mpp[1]))
+    return max(float(grid.tile_size_level0[0]) * mpp_xy[0], float(grid.tile_size_level0[1]) * mpp_xy[1]) / 1000.0
+
+
 def deposit_tiles(grid: TileGrid, probabilities: np.ndarray, rules: DepositRules) -> tuple[list[np.ndarray], np.ndarray]:
     """Steps 1-4 of the module docstring: the grid rows of each deposit (unordered) and the
     smoothed probabilities (float64, (N,))."""
@@ -296,8 +302,7 @@ def find_deposits(grid: TileGrid, probabilities: np.ndarray, mpp: tuple[float, f
     """
     rules = rules or DepositRules()
     mpp_xy = (float(mpp), float(mpp)) if np.isscalar(mpp) else (float(mpp[0]), float(mpp[1]))
-    tile_w, tile_h = (float(v) for v in grid.tile_size_level0)
-    tile_mm = max(tile_w * mpp_xy[0], tile_h * mpp_xy[1]) / 1000.0
+    tile_mm = tile_side_mm(grid, mpp_xy)
     groups, smoothed = deposit_tiles(grid, probabilities, rules)
     p = np.nan_to_num(np.asarray(probabilities, np.float64).reshape(-1), nan=0.0)
     found: list[tuple[np.ndarray, MultiPolygon, float, float]] = []

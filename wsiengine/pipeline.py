@@ -313,14 +313,15 @@ class Pipeline:
                           reference.source if reference is not None else None)
 
     def write_report(self, store: Any, out: str | os.PathLike[str], *, slide: Slide | str | os.PathLike[str] | None = None,
-                     slide_id: str | None = None) -> Path:
+                     slide_id: str | None = None, deposits: "DepositMap | None" = None) -> Path:
         """The report of one slide from its store (a path or an open ``ResultStore``) with this
-        pipeline's report settings; returns ``SLIDE_ID.report.json``."""
+        pipeline's report settings; returns ``SLIDE_ID.report.json``. ``deposits``: the ones
+        :meth:`run` found from this store's tile scores (found again otherwise)."""
         from .report import make_report
 
         rep = make_report(store, out, config=self.config.report, vlm=self.vlm_client or self.config.vlm, slide=slide,
                           reference=self.mil.reference, tile_bank=self.tile_bank, slide_id=slide_id,
-                          key=self.report_key())
+                          key=self.report_key(), deposits=deposits)
         assert rep.json_path is not None
         return rep.json_path
 
@@ -392,7 +393,7 @@ class Pipeline:
                     report = None
                     if self.report:  # first: a report that fails leaves nothing of this run behind
                         report = self.write_report(ResultStore(store_path, writer.group), out_dir, slide=slide_obj,
-                                                   slide_id=sid)
+                                                   slide_id=sid, deposits=deposits)
                         clock.mark("report", check=False)
                     published = staged.publish()
                     writer.commit(prediction=summary, timings=clock.seconds(), status=status, node=node,

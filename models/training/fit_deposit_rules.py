@@ -41,7 +41,7 @@ import numpy as np
 
 from ...aggregate import MILHead, TileCalibration, default_head_path
 from ...atomic import atomic_write
-from ...deposits import DepositRules, deposit_tiles, feret_mm, find_deposits
+from ...deposits import DepositRules, deposit_tiles, feret_mm, find_deposits, tile_side_mm
 from ...evaluate import NODE_LABELS, quadratic_weighted_kappa
 from ...report.findings import metastasis_call, node_category
 from ...testing.nodes import Node, make_nodes, plan_patients
@@ -114,7 +114,7 @@ def _node_data(nodes: Sequence[Node], slides: Path, results: Path, head: MILHead
         labels = (shapely.contains_xy(lesion, centres[:, 0], centres[:, 1]) if not lesion.is_empty
                   else np.zeros(len(grid), bool))
         mpp = tuple(float(v) for v in store.slide["mpp"])
-        tile_mm = max(grid.tile_size_level0[0] * mpp[0], grid.tile_size_level0[1] * mpp[1]) / 1000.0
+        tile_mm = tile_side_mm(grid, mpp)
         out.append({"node": node, "grid": grid, "raw": prediction.tile_scores, "labels": labels.astype(np.int8),
                     "probability": prediction.probability, "lesion": lesion, "mpp": mpp, "tile_mm": tile_mm})
     return out

@@ -42,6 +42,7 @@ from .render import headline, render_markdown, template_narrative
 from .second_opinion import TileBank, second_opinion
 
 if TYPE_CHECKING:  # pragma: no cover
+    from ..deposits import DepositMap
     from ..encode import Encoder
     from .vlm import VLMClient
     from ..ood import EmbeddingReference
@@ -139,7 +140,7 @@ def make_report(store: "str | os.PathLike[str] | ResultStore", out_dir: str | os
                 reference: "EmbeddingReference | str | None" = "auto",
                 tile_bank: TileBank | str | os.PathLike[str] | None = None, encoder: "Encoder | None" = None,
                 slide_id: str | None = None, write: bool = True, key: str | None = None,
-                tile_threshold: float | None = None) -> Report:
+                tile_threshold: float | None = None, deposits: "DepositMap | None" = None) -> Report:
     """Make a slide's report from its result store.
 
     Parameters
@@ -171,6 +172,9 @@ def make_report(store: "str | os.PathLike[str] | ResultStore", out_dir: str | os
         The report key to record (default: :func:`report_key` of these settings).
     tile_threshold : float, optional
         Tile score at or above which tiles form deposits (default: the one the store's run used).
+    deposits : DepositMap, optional
+        The deposits already found from this store's tile scores with its rules (the pipeline
+        passes the ones it wrote into the store, so they are found once).
 
     Raises
     ------
@@ -208,7 +212,8 @@ def make_report(store: "str | os.PathLike[str] | ResultStore", out_dir: str | os
         from ..ood import EmbeddingReference
 
         reference = EmbeddingReference.load(reference)
-    findings = build_findings(result, config=config, reference=reference, tile_threshold=tile_threshold)
+    findings = build_findings(result, config=config, reference=reference, tile_threshold=tile_threshold,
+                              deposits=deposits)
     evidence = findings["evidence"]
     report_flags: list[str] = []
 

@@ -26,7 +26,7 @@ if TYPE_CHECKING:  # pragma: no cover
 
 __all__ = ["Category", "CATEGORIES", "ITC_MAX_MM", "MICRO_MAX_MM", "EXTRANODAL_EXTENSION", "metastasis_call",
            "size_category", "node_category", "node_summary", "build_findings", "evidence_tiles", "QCFlag",
-           "recorded_rules", "recorded_tile_threshold"]
+           "recorded_rules"]
 
 logger = logging.getLogger("wsiengine")
 
@@ -111,10 +111,10 @@ def _deposits(store: "ResultStore", scores: np.ndarray | None, rules: "DepositRu
               mpp: tuple[float, float], found: "DepositMap | None" = None) -> dict[str, Any]:
     """Tumour deposits from the tile probabilities (:func:`wsiengine.deposits.find_deposits`, the
     same as the GeoJSON's regions): foci, sizes with their uncertainty, areas (mm, mm²)."""
-    from ..deposits import find_deposits
+    from ..deposits import find_deposits, tile_side_mm
 
     grid = store.tile_grid()
-    tile_mm = max(float(grid.tile_size_level0[0]) * mpp[0], float(grid.tile_size_level0[1]) * mpp[1]) / 1000.0
+    tile_mm = tile_side_mm(grid, mpp)
     out: dict[str, Any] = {"foci": 0, "largest_mm": None, "size_uncertainty_mm": round(tile_mm, 4),
                            "total_area_mm2": 0.0, "tile_threshold": rules.grow_threshold, "rules": rules.to_dict(),
                            "tile_size_mm": round(tile_mm, 4), "tiles_above_threshold": 0, "regions": []}
@@ -199,12 +199,6 @@ def _tiling_mismatch(mil: dict[str, Any] | None, grid: dict[str, Any]) -> str | 
         return None
     return (f"Tiles are {int(grid['tile_px'])} px at {float(grid['target_mpp']):g} µm/px but the MIL head was trained "
             f"on {int(trained_px)} px at {float(trained_mpp):g} µm/px; its scores may not transfer.")
-
-
-def recorded_tile_threshold(store: "ResultStore") -> float:
-    """The tile threshold the store's run used (``config.mil.tile_threshold``; 0.5 for stores
-    written before it was recorded)."""
-    return recorded_rules(store).grow_threshold
 
 
 def recorded_rules(store: "ResultStore", *, tile_threshold: float | None = None) -> "DepositRules":

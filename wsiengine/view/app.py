@@ -298,12 +298,12 @@ class ViewerApp:
         return HTTPStatus.OK, [("Content-Type", "application/xml"), ("Cache-Control", "no-store")], body
 
     def _tile(self, slide_id: str, level: str, col: str, row: str):
-        path = self._slide_file(self._slide(slide_id))
+        entry = self._slide(slide_id)
+        path = self._slide_file(entry)
         deepzoom = self.readers.deepzoom(path)
         lv, c, r = int(level), int(col), int(row)
         if not deepzoom.exists(lv, c, r):
             raise HTTPError(HTTPStatus.NOT_FOUND, "no such tile")
-        entry = self.catalog.slides[slide_id]
         body = encode_jpeg(self.readers.tile(path, lv, c, r, overview=lambda: self._overview(entry)))
         return self._image(body, "image/jpeg", self._etag("tile", self._version(path), lv, c, r))
 

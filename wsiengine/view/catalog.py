@@ -128,11 +128,14 @@ class Catalog:
 
 def _find_slide_file(store_path: Path, results: Path, extra: Path | None) -> Path | None:
     """The slide file a store was made from (see :meth:`Catalog.load`), or None."""
+    from ..errors import WsiEngineError
+    from ..store import open_result
+
     try:
-        attrs = read_json_file(store_path / "zarr.json", 16 << 20).get("attributes") or {}
-    except (OSError, ValueError, AttributeError):
+        slide = open_result(store_path).slide
+    except (WsiEngineError, OSError, ValueError) as exc:
+        logger.warning("view: cannot read the store %s: %s", store_path.name, exc)
         return None
-    slide = attrs.get("slide") if isinstance(attrs.get("slide"), dict) else {}
     candidates: list[Path] = []
     name = slide.get("name")
     if extra is not None and isinstance(name, str) and name and Path(name).name == name:

@@ -45,10 +45,11 @@ def _report(entry: ViewSlide) -> dict[str, Any] | None:
     return doc if isinstance(doc, dict) and isinstance(doc.get("findings"), dict) else None
 
 
-def slide_summary(entry: ViewSlide) -> dict[str, Any]:
-    """One row of the index: status, call, probability, category, largest deposit, QC flags."""
+def slide_summary(entry: ViewSlide, report: dict[str, Any] | None = None) -> dict[str, Any]:
+    """One row of the index: status, call, probability, category, largest deposit, QC flags
+    (``report``: the slide's report when already read)."""
     row = entry.row
-    report = _report(entry)
+    report = report if report is not None else _report(entry)
     findings = report["findings"] if report else {}
     flags = [f.get("code") for f in (findings.get("qc") or {}).get("flags") or [] if isinstance(f, dict)]
     metastasis = findings.get("metastasis") if isinstance(findings.get("metastasis"), dict) else {}
@@ -66,8 +67,9 @@ def slide_summary(entry: ViewSlide) -> dict[str, Any]:
 def slide_detail(entry: ViewSlide, store: Any | None, deepzoom: Any | None) -> dict[str, Any]:
     """A slide page's data: the slide's size and resolution, its heatmaps and where they lie
     (level-0 pixels), the node findings and the report."""
-    out: dict[str, Any] = {"id": entry.slide_id, "summary": slide_summary(entry), "slide": None, "heatmaps": [],
-                           "node": None, "report": None}
+    report = _report(entry)
+    out: dict[str, Any] = {"id": entry.slide_id, "summary": slide_summary(entry, report), "slide": None,
+                           "heatmaps": [], "node": None, "report": None}
     if store is not None:
         slide = store.slide
         dims = slide.get("dimensions") or [None, None]
@@ -88,7 +90,6 @@ def slide_detail(entry: ViewSlide, store: Any | None, deepzoom: Any | None) -> d
                                     "bounds": [ox, oy, cols * cx, rows * cy]})
     if deepzoom is not None and out["slide"] is not None:
         out["slide"].update(width=deepzoom.width, height=deepzoom.height)
-    report = _report(entry)
     if report is not None:
         f = report["findings"]
         evidence = []

@@ -1,10 +1,15 @@
-"""Stand-in slides for the CAMELYON reproduction scripts' tests: H&E-like textures on a tissue
-blob, drawn with NumPy and written as pyramidal TIFFs (no ../shared needed)."""
+"""Helpers for the tests of the scripts in benchmarks/: loading a script as a module, running its
+``main`` with its output captured, and stand-in slides for the CAMELYON reproduction scripts
+(H&E-like textures on a tissue blob, drawn with NumPy and written as pyramidal TIFFs; no
+../shared needed)."""
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
+import io
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -22,6 +27,15 @@ def load_script(path: Path):
     sys.modules[name] = module  # dataclasses look their module up while the class is built
     spec.loader.exec_module(module)
     return module
+
+
+def run_main(script, argv: list[str]) -> tuple[int, str, str, float]:
+    """``script.main(argv)`` with stdout and stderr captured: (status, out, err, seconds)."""
+    out, err = io.StringIO(), io.StringIO()
+    started = time.perf_counter()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        rc = script.main(argv)
+    return rc, out.getvalue(), err.getvalue(), time.perf_counter() - started
 
 
 def he_texture(seed: int, tumour: bool, size: int = 384) -> np.ndarray:
